@@ -1,0 +1,47 @@
+"""Shared fixtures: the `ci` preset, its data generated once per session, a tiny model built from it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ci_params():
+    from vift.config import load_preset
+
+    return load_preset("ci")
+
+
+@pytest.fixture(scope="session")
+def ci_data(ci_params, tmp_path_factory) -> Path:
+    """The ci preset's ShapeTally splits, generated once."""
+    from vift.data import generate_shapetally
+
+    out = tmp_path_factory.mktemp("data") / "benchmark"
+    generate_shapetally(ci_params.data, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lvlm(ci_params, ci_data):
+    """(model, processor) of the ci architecture, tokenizer trained on the ci corpus."""
+    from vift.data import TRAIN_SPLITS, Manifest
+    from vift.model import build_tiny_lvlm
+
+    def corpus():
+        for split in TRAIN_SPLITS:
+            for record in Manifest(ci_data / f"{split}.jsonl", "conversation", check_images=False):
+                for turn in record.conversations:
+                    yield turn.value
+
+    model, processor = build_tiny_lvlm(ci_params.model.tiny, ci_params.data.image_size, corpus())
+    model.eval()
+    return model, processor

@@ -1,0 +1,81 @@
+"""ShapeTally: determinism, held-out scenes, questions that need both perception and arithmetic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from vift.config import apply_overrides
+from vift.data import SPLITS, generate_shapetally
+from vift.data.world import QUESTION_TYPES, SceneObject, Scene, sample_question, split_rng
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_seed_gives_byte_identical_data(ci_params, ci_data, tmp_path):
+    again = generate_shapetally(ci_params.data, tmp_path / "again")
+    assert tree_digest(tmp_path / "again") == tree_digest(ci_data)
+    assert again["sha256"] == json.loads((ci_data / "summary.json").read_text())["sha256"]
+
+
+def test_different_seed_gives_different_data(ci_params, ci_data, tmp_path):
+    other = apply_overrides(ci_params, {"data.seed": 1}).data
+    summary = generate_shapetally(other, tmp_path / "other")
+    original = json.loads((ci_data / "summary.json").read_text())["sha256"]
+    assert all(summary["sha256"][split] != original[split] for split in SPLITS)
+
+
+def test_every_split_has_its_size_and_test_types_are_labelled(ci_params, ci_data):
+    for split in SPLITS:
+        assert len(read(ci_data / f"{split}.jsonl")) == getattr(ci_params.data, split)
+    test_types = {r["type"] for r in read(ci_data / "test.jsonl")}
+    assert test_types == set(QUESTION_TYPES)
+
+
+def test_evaluation_scenes_never_appear_in_training_splits(ci_data):
+    held_out = {r["scene"] for split in ("test", "calibration") for r in read(ci_data / f"{split}.jsonl")}
+    train_scenes = {r["conversations"][1]["value"] for r in read(ci_data / "captions.jsonl")}
+    train_scenes |= {
+        r["conversations"][0]["value"].split("\n")[0].removeprefix("Scene: ")
+        for r in read(ci_data / "text_instructions.jsonl")
+        if r["conversations"][0]["value"].startswith("Scene: ")
+    }
+    assert held_out and not held_out & train_scenes
+
+
+def test_text_instructions_have_no_images_and_visual_ones_do(ci_data):
+    for record in read(ci_data / "text_instructions.jsonl") + read(ci_data / "backbone_text.jsonl"):
+        assert "image" not in record and "<image>" not in json.dumps(record)
+    for record in read(ci_data / "visual_instructions.jsonl") + read(ci_data / "captions.jsonl"):
+        assert record["conversations"][0]["value"].startswith("<image>\n")
+        assert (ci_data / record["image"]).is_file()
+
+
+def test_captions_never_state_counts_or_arithmetic(ci_data):
+    for record in read(ci_data / "captions.jsonl"):
+        caption = record["conversations"][1]["value"]
+        assert not any(ch.isdigit() for ch in caption) and "how many" not in caption.lower()
+
+
+def test_answers_compose_perception_with_arithmetic():
+    scene = Scene(3, (SceneObject(0, "red", "circle"), SceneObject(4, "blue", "circle"), SceneObject(8, "red", "square")))
+    answers = {}
+    for index in range(200):
+        question = sample_question(split_rng(0, "unit", index), scene)
+        answers[question.text] = question.answer
+    assert answers.get("How many circles are there, plus 3?", "5") == "5"
+    assert answers.get("How many shapes would remain if the red ones were removed?", "1") == "1"
+    assert answers.get("What is twice the number of red shapes?", "4") == "4"
+    assert answers.get("Are there more red shapes than blue shapes?", "yes") == "yes"
+    assert len({q.split()[0] for q in answers}) >= 3

@@ -1,0 +1,226 @@
+"""The parameter schema: one section per pipeline concern, as dvc.yaml reads them by dotted key.
+
+Every model forbids unknown keys, so a typo in a YAML file is an error naming the field, not a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(Section):
+    """The benchmark data: the synthetic ShapeTally world, or imported manifests."""
+
+    source: Literal["shapetally", "import"] = "shapetally"
+    seed: int = 0
+    image_size: int = Field(48, ge=16, le=512, description="pixels per side of a scene image")
+    grid: int = Field(3, ge=2, le=6, description="scene is a grid x grid board, one shape per cell")
+    min_objects: int = Field(1, ge=0)
+    max_objects: int = Field(6, ge=1)
+    backbone_text: int = Field(20000, ge=0, description="text samples that pretrain the tiny LM")
+    captions: int = Field(4000, ge=0)
+    text_instructions: int = Field(4000, ge=0)
+    visual_instructions: int = Field(4000, ge=0)
+    calibration: int = Field(200, ge=0)
+    test: int = Field(1000, ge=0)
+    bad_records: Literal["skip", "fail"] = Field(
+        "skip", description="skip-and-count malformed records and missing images, or fail on the first"
+    )
+    import_dir: str | None = Field(None, description="directory of external manifests (source: import)")
+
+    @model_validator(mode="after")
+    def _objects_fit_the_grid(self) -> DataParams:
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must not exceed max_objects")
+        if self.max_objects > self.grid * self.grid:
+            raise ValueError(f"max_objects ({self.max_objects}) exceeds the {self.grid}x{self.grid} grid's cells")
+        if self.image_size % self.grid:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of grid ({self.grid})")
+        if self.source == "import" and not self.import_dir:
+            raise ValueError("source 'import' needs import_dir")
+        return self
+
+
+class TinyModelParams(Section):
+    """Architecture of the offline default: LLaVA = SigLIP vision tower + projector + Qwen2 LM."""
+
+    vocab_size: int = Field(400, ge=64)
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(256, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    vision_hidden_size: int = Field(96, ge=8)
+    vision_intermediate_size: int = Field(192, ge=8)
+    vision_layers: int = Field(2, ge=1)
+    vision_heads: int = Field(2, ge=1)
+    patch_size: int = Field(16, ge=2)
+    max_positions: int = Field(256, ge=32)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelParams:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError("vision_hidden_size must divide by vision_heads")
+        return self
+
+
+class PretrainParams(Section):
+    """Pretraining of the tiny language model on backbone_text (stand-in for an instruct LLM)."""
+
+    max_steps: int = Field(800, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    max_length: int = Field(96, ge=8)
+
+
+class ModelParams(Section):
+    base: str = Field(
+        "tiny",
+        description="'tiny' builds the offline default; 'compose' joins vision_tower + language_model "
+        "into a LLaVA model (the paper's setup); otherwise a local HF LVLM checkpoint directory",
+    )
+    vision_tower: str | None = Field(None, description="local SigLIP checkpoint (base: compose)")
+    language_model: str | None = Field(None, description="local causal LM checkpoint (base: compose)")
+    vision_feature_layer: int = Field(-2, description="vision layer fed to the projector (base: compose)")
+    family: Literal["auto", "llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"] = "auto"
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tiny: TinyModelParams = TinyModelParams()
+    pretrain: PretrainParams = PretrainParams()
+
+    @model_validator(mode="after")
+    def _compose_has_parts(self) -> ModelParams:
+        if self.base == "compose" and not (self.vision_tower and self.language_model):
+            raise ValueError("base 'compose' needs vision_tower and language_model paths")
+        return self
+
+
+class LoraParams(Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+TrainablePart = Literal["projector", "language_model", "vision_tower"]
+
+
+class StageTrainParams(Section):
+    """One training stage; names follow transformers' TrainingArguments where they overlap."""
+
+    trainable: list[TrainablePart] = ["projector"]
+    learning_rate: float = Field(1e-3, gt=0, description="language model (and default) learning rate")
+    projector_learning_rate: float | None = Field(None, gt=0)
+    vision_learning_rate: float | None = Field(None, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run num_train_epochs")
+    per_device_train_batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(128, ge=8)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    text_ratio: float = Field(
+        0.5, ge=0, le=1, description="share of text-only samples in the mix (text stage)"
+    )
+    gradient_checkpointing: bool = False
+    bf16: Literal["auto", "true", "false"] = "auto"
+    lora: LoraParams = LoraParams()
+    save_steps: int = Field(100, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 0
+    accelerate_config: str | None = Field(None, description="accelerate config file; launches under it")
+    num_processes: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> StageTrainParams:
+        if not self.trainable:
+            raise ValueError("trainable must name at least one part")
+        return self
+
+
+class TrainParams(Section):
+    caption: StageTrainParams = StageTrainParams()
+    text: StageTrainParams = StageTrainParams(trainable=["projector", "language_model"], learning_rate=3e-4)
+    vit: StageTrainParams = StageTrainParams(trainable=["projector", "language_model"], learning_rate=3e-4)
+
+
+class CalibrationParams(Section):
+    modes: list[Literal["additive", "replace"]] = ["additive", "replace"]
+    positions: list[Literal["question", "text_prompt"]] = ["question"]
+    weights: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    layer_ranges: list[tuple[int, int]] | None = Field(
+        None, description="[start, end) candidates; None: derived from the model's depth"
+    )
+    budget: int = Field(60, ge=1, description="most configurations evaluated (coarse grid + refinement)")
+    batch_size: int = Field(32, ge=1)
+
+
+class FusionParams(Section):
+    mode: Literal["additive", "replace"] = "additive"
+    positions: Literal["question", "text_prompt"] = "question"
+    a: float = 0.0
+    b: float = 0.0
+    w_vis: float = 1.0
+    w_text: float = 0.0
+    layer_start: int = Field(0, ge=0)
+    layer_end: int | None = Field(None, ge=1, description="exclusive; None: the last decoder layer")
+    calibrate: CalibrationParams = CalibrationParams()
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self) -> FusionParams:
+        if self.layer_end is not None and self.layer_end <= self.layer_start:
+            raise ValueError("layer_end must be greater than layer_start")
+        return self
+
+
+class JudgeParams(Section):
+    enabled: bool = False
+    model: str = "judge"
+
+
+class EvalParams(Section):
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    bootstrap_samples: int = Field(1000, ge=0)
+    seed: int = 0
+    judge: JudgeParams = JudgeParams()
+
+
+class RegistryParams(Section):
+    model_name: str = Field("vift-shapetally", min_length=1)
+    experiment: str = "vift"
+    gate_metric: str = "vift_fused"
+    margin: float = Field(0.0, ge=0, description="champion moves only if accuracy beats it by more than this")
+
+
+class StorageParams(Section):
+    remote: str = "local"
+
+
+class Params(BaseModel):
+    """The whole parameter file."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    preset: str = "custom"
+    seed: int = 0
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    fusion: FusionParams = FusionParams()
+    eval: EvalParams = EvalParams()
+    registry: RegistryParams = RegistryParams()
+    storage: StorageParams = StorageParams()

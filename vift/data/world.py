@@ -1,0 +1,170 @@
+"""ShapeTally: the synthetic benchmark world, a miniature of ViFT's setting.
+
+A scene is a grid of cells, each empty or holding one coloured shape. Images are rendered from the
+scene; captions describe it object by object (colour, shape, position) and never state a count.
+Test questions compose perception (which shapes, which colours, how many) with a skill that no
+caption teaches and that does not depend on the scene: arithmetic on, or comparison of, the
+perceived quantities. So an LVLM needs both perception (from captions) and task solving (from
+text-only instructions over scene descriptions) to answer: exactly the split ViFT trains on.
+
+Everything is a pure function of (seed, split, index): the same seed gives byte-identical data.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 45, 45),
+    "green": (40, 170, 70),
+    "blue": (50, 85, 215),
+    "yellow": (225, 195, 35),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (236, 236, 236)
+NAMED_POSITIONS_2X2 = ("top left", "top right", "bottom left", "bottom right")
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
+NAMED_POSITIONS_3X3 = (
+    "top left", "top middle", "top right",
+    "middle left", "center", "middle right",
+    "bottom left", "bottom middle", "bottom right",
+)  # fmt: skip
+
+# Question templates, defined once: training data, evaluation and prompts all use these.
+DESCRIBE_PROMPT = "Describe the image."
+SCENE_PREFIX = "Scene: "
+QUESTION_TYPES = ("count_plus", "remove_colour", "compare_colours", "double_count")
+ARITHMETIC_TYPES = ("add", "subtract", "double", "greater")
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    cell: int
+    colour: str
+    shape: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    grid: int
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def signature(self) -> str:
+        """A canonical string naming the scene; equal scenes have equal signatures."""
+        return ";".join(f"{o.cell}:{o.colour}:{o.shape}" for o in self.objects)
+
+    def position_name(self, cell: int) -> str:
+        # Words, not digits: captions must never contain numbers (counts are not perceived text).
+        if self.grid == 2:
+            return NAMED_POSITIONS_2X2[cell]
+        if self.grid == 3:
+            return NAMED_POSITIONS_3X3[cell]
+        return f"{ORDINALS[cell // self.grid]} row, {ORDINALS[cell % self.grid]} column"
+
+    def describe(self) -> str:
+        """The caption: every object in reading order, no counts."""
+        if not self.objects:
+            return "an empty board."
+        parts = [f"{o.colour} {o.shape} at {self.position_name(o.cell)}" for o in self.objects]
+        return ", ".join(parts) + "."
+
+    def count(self, colour: str | None = None, shape: str | None = None) -> int:
+        return sum(
+            1
+            for o in self.objects
+            if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
+        )
+
+
+@dataclass(frozen=True)
+class Question:
+    type: str
+    text: str
+    answer: str
+
+
+def split_rng(seed: int, split: str, index: int) -> random.Random:
+    """Independent deterministic stream per (seed, split, index); str seeds hash with SHA-512."""
+    return random.Random(f"shapetally:{seed}:{split}:{index}")
+
+
+def sample_scene(rng: random.Random, grid: int, min_objects: int, max_objects: int) -> Scene:
+    n = rng.randint(min_objects, max_objects)
+    cells = sorted(rng.sample(range(grid * grid), n))
+    objects = tuple(SceneObject(c, rng.choice(list(COLOURS)), rng.choice(SHAPES)) for c in cells)
+    return Scene(grid, objects)
+
+
+def _pick_present(rng: random.Random, scene: Scene, options: list[str], attribute: str) -> str:
+    """Mostly ask about attributes the scene has (so counts are not almost always zero)."""
+    present = sorted({getattr(o, attribute) for o in scene.objects})
+    if present and rng.random() < 0.75:
+        return rng.choice(present)
+    return rng.choice(options)
+
+
+def sample_question(rng: random.Random, scene: Scene, qtype: str | None = None) -> Question:
+    """A composed question: perception of the scene + arithmetic or comparison."""
+    qtype = qtype or rng.choice(QUESTION_TYPES)
+    colours = list(COLOURS)
+    if qtype == "count_plus":
+        shape = _pick_present(rng, scene, list(SHAPES), "shape")
+        k = rng.randint(1, 4)
+        return Question(qtype, f"How many {shape}s are there, plus {k}?", str(scene.count(shape=shape) + k))
+    if qtype == "remove_colour":
+        colour = _pick_present(rng, scene, colours, "colour")
+        remaining = len(scene.objects) - scene.count(colour=colour)
+        return Question(qtype, f"How many shapes would remain if the {colour} ones were removed?", str(remaining))
+    if qtype == "compare_colours":
+        first = _pick_present(rng, scene, colours, "colour")
+        second = rng.choice([c for c in colours if c != first])
+        more = scene.count(colour=first) > scene.count(colour=second)
+        return Question(qtype, f"Are there more {first} shapes than {second} shapes?", "yes" if more else "no")
+    if qtype == "double_count":
+        colour = _pick_present(rng, scene, colours, "colour")
+        return Question(qtype, f"What is twice the number of {colour} shapes?", str(2 * scene.count(colour=colour)))
+    raise ValueError(f"unknown question type {qtype!r}; known: {', '.join(QUESTION_TYPES)}")
+
+
+def sample_arithmetic(rng: random.Random, max_value: int) -> Question:
+    """Scene-free arithmetic in the same answer format: the text-only skill in isolation."""
+    kind = rng.choice(ARITHMETIC_TYPES)
+    x, y = rng.randint(0, max_value), rng.randint(0, max_value)
+    if kind == "add":
+        return Question("arith_add", f"What is {x} plus {y}?", str(x + y))
+    if kind == "subtract":
+        x, y = max(x, y), min(x, y)
+        return Question("arith_subtract", f"What is {x} minus {y}?", str(x - y))
+    if kind == "double":
+        return Question("arith_double", f"What is twice {x}?", str(2 * x))
+    return Question("arith_greater", f"Is {x} greater than {y}?", "yes" if x > y else "no")
+
+
+def text_prompt(description: str, question: str) -> str:
+    """The text-only form of a composed question: the scene given as a description."""
+    return f"{SCENE_PREFIX}{description}\n{question}"
+
+
+def render(scene: Scene, image_size: int, rng: random.Random) -> Image.Image:
+    """Draw the scene; size, offset and colour jitter come from ``rng`` (deterministic)."""
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cell = image_size // scene.grid
+    for obj in scene.objects:
+        row, col = divmod(obj.cell, scene.grid)
+        extent = max(3, int(cell * rng.uniform(0.55, 0.85)))
+        x0 = col * cell + rng.randint(0, cell - extent)
+        y0 = row * cell + rng.randint(0, cell - extent)
+        box = (x0, y0, x0 + extent - 1, y0 + extent - 1)
+        fill = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLOURS[obj.colour])
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + extent // 2, y0), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    return image

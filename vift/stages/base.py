@@ -1,0 +1,62 @@
+"""Stage ``base``: build + pretrain the tiny default LVLM, or snapshot a local checkpoint."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from vift import paths
+from vift.config.schema import Params
+from vift.data.generate import TRAIN_SPLITS
+from vift.data.manifests import Manifest
+from vift.data.world import text_prompt
+from vift.eval.generation import generate_answers
+from vift.io import atomic_directory, atomic_write_json
+from vift.model.loading import snapshot_checkpoint
+from vift.model.tiny import build_tiny_lvlm
+from vift.train.pretrain import pretrain_language_model
+
+TEXT_CHECK_ITEMS = 300  # held-out test scenes used to check the pretrained LM on text
+
+
+def _corpus(params: Params):
+    for split in TRAIN_SPLITS:
+        for record in Manifest(paths.manifest(split), "conversation", paths.DATA_DIR, check_images=False):
+            for turn in record.conversations:
+                yield turn.value
+
+
+def text_accuracy(model, processor, batch_size: int) -> dict:
+    """Exact-match accuracy of the LM on composed questions asked over held-out scene descriptions."""
+    items = list(itertools.islice(Manifest(paths.manifest("test"), "vqa", paths.DATA_DIR, check_images=False), TEXT_CHECK_ITEMS))
+    prompts = [text_prompt(r.model_extra["scene"], r.question) for r in items]
+    answers = generate_answers(model, processor, prompts, batch_size=batch_size, max_new_tokens=4)
+    correct = [a == r.answer for a, r in zip(answers, items)]
+    by_type: dict[str, list[bool]] = {}
+    for ok, record in zip(correct, items):
+        by_type.setdefault(record.type or "untyped", []).append(ok)
+    return {
+        "accuracy": sum(correct) / max(1, len(correct)),
+        "n": len(correct),
+        "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+    }
+
+
+def run(params: Params) -> None:
+    started = time.time()
+    report: dict = {"base": params.model.base}
+    with atomic_directory(paths.BASE_MODEL) as out:
+        if params.model.base == "tiny":
+            model, processor = build_tiny_lvlm(params.model.tiny, params.data.image_size, _corpus(params), params.seed)
+            report["parameters"] = sum(p.numel() for p in model.parameters())
+            report["text_accuracy_before"] = text_accuracy(model, processor, params.eval.batch_size)["accuracy"]
+            backbone = list(Manifest(paths.manifest("backbone_text"), "conversation", paths.DATA_DIR, check_images=False))
+            history = pretrain_language_model(model, processor, backbone, params.model.pretrain, params.seed)
+            report["pretrain_loss"] = [h["loss"] for h in history if "loss" in h]
+            report["text_accuracy"] = text_accuracy(model, processor, params.eval.batch_size)
+            model.save_pretrained(out)
+            processor.save_pretrained(out)
+        else:
+            snapshot_checkpoint(params.model.base, out, params.model.trust_remote_code)
+    report["seconds"] = round(time.time() - started, 1)
+    atomic_write_json(paths.BASE_REPORT, report)
