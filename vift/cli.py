@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -115,6 +116,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Command groups that live beside the code they drive; each module defines
+# ``add_commands(subparsers, add_params_option)``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vift.config import ACTIVE_PARAMS
     from vift.stages import STAGES
@@ -160,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key; repeatable")
     add_params_option(demo)
     demo.set_defaults(func=cmd_demo)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub, add_params_option)
     return parser
 
 

@@ -10,7 +10,7 @@ from vift.config.schema import Params
 from vift.data.generate import TRAIN_SPLITS
 from vift.data.manifests import Manifest
 from vift.data.world import text_prompt
-from vift.eval.generation import generate_answers
+from vift.fusion.method import fused_generate
 from vift.io import atomic_directory, atomic_write_json
 from vift.model.loading import snapshot_checkpoint
 from vift.model.tiny import build_tiny_lvlm
@@ -30,7 +30,7 @@ def text_accuracy(model, processor, batch_size: int) -> dict:
     """Exact-match accuracy of the LM on composed questions asked over held-out scene descriptions."""
     items = list(itertools.islice(Manifest(paths.manifest("test"), "vqa", paths.DATA_DIR, check_images=False), TEXT_CHECK_ITEMS))
     prompts = [text_prompt(r.model_extra["scene"], r.question) for r in items]
-    answers = generate_answers(model, processor, prompts, batch_size=batch_size, max_new_tokens=4)
+    answers = fused_generate(model, processor, None, prompts, None, batch_size=batch_size, max_new_tokens=4)
     correct = [a == r.answer for a, r in zip(answers, items)]
     by_type: dict[str, list[bool]] = {}
     for ok, record in zip(correct, items):

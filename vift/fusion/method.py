@@ -1,0 +1,190 @@
+"""Ability-fused inference, the whole method.
+
+For image v and question q, let T_l be the input hidden states of decoder layer l for the text-only
+prompt and V_l those for the image+question prompt, both captured without steering. During the
+prefill of the image+question prompt, at each layer l in [start, end), on the fused positions:
+
+- ``additive`` (the reference code): H_l += a·T_l − b·V_l, accumulating across layers;
+- ``replace`` (the paper's formula read literally): H_l = w_vis·V_l + w_text·T_l.
+
+Fused positions are aligned from the right (both batches are left-padded):
+- ``question``: the tokens both prompts share at their end (question + assistant prefix);
+- ``text_prompt`` (the reference): the last L positions, L = length of the whole text-only prompt.
+
+Decode steps are untouched; they see the fusion through the KV cache. a = b = 0, or w_vis = 1 and
+w_text = 0, reproduce the plain model exactly.
+
+Compared with the reference (one sample at a time, three full prefills), everything is batched, and
+both capture passes stop after the last fused layer. The steered prefill still recomputes the
+layers below ``start``: reusing them would mean splicing a partial KV cache into ``generate``,
+which no public transformers API supports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import torch
+
+from vift.fusion.hooks import PrefillEditor, capture_layer_inputs
+
+Mode = Literal["additive", "replace"]
+Positions = Literal["question", "text_prompt"]
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """One fusion configuration; ``layer_end`` None means the last decoder layer (exclusive end)."""
+
+    mode: Mode = "additive"
+    positions: Positions = "question"
+    a: float = 0.0
+    b: float = 0.0
+    w_vis: float = 1.0
+    w_text: float = 0.0
+    layer_start: int = 0
+    layer_end: int | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FusionSpec:
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        end = num_layers if self.layer_end is None else self.layer_end
+        if not 0 <= self.layer_start < end <= num_layers:
+            raise ValueError(f"fusion layers [{self.layer_start}, {end}) outside the model's {num_layers} decoder layers")
+        return self.layer_start, end
+
+    @property
+    def is_neutral(self) -> bool:
+        if self.mode == "additive":
+            return self.a == 0 and self.b == 0
+        return self.w_vis == 1 and self.w_text == 0
+
+    def with_weights(self, **weights) -> FusionSpec:
+        return replace(self, **weights)
+
+
+NEUTRAL = FusionSpec()
+
+
+def fused_positions(
+    image_ids: torch.Tensor, image_mask: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, positions: Positions
+) -> torch.Tensor:
+    """Boolean ``(batch, image_seq)`` mask of the positions to fuse, aligned from the right.
+
+    ``question``: per sample, the longest common suffix of the two prompts' tokens.
+    ``text_prompt``: per sample, the last L positions, L = non-pad length of the text-only prompt.
+    Both inputs must be left-padded (real tokens at the end).
+    """
+    batch, image_len = image_ids.shape
+    text_len = text_ids.shape[1]
+    overlap = min(image_len, text_len)
+    if positions == "text_prompt":
+        lengths = text_mask.sum(dim=1)
+        if (lengths > image_mask.sum(dim=1)).any():
+            raise ValueError("text-only prompt longer than the image prompt: text_prompt positions undefined")
+    else:
+        same = (image_ids[:, -overlap:] == text_ids[:, -overlap:]) & image_mask[:, -overlap:].bool() & text_mask[:, -overlap:].bool()
+        # common suffix length = number of trailing positions before the first mismatch from the right
+        lengths = same.flip(1).long().cumprod(dim=1).sum(dim=1)
+        if (lengths == 0).any():
+            raise ValueError("a text-only prompt shares no final tokens with its image prompt")
+    from_right = torch.arange(image_len - 1, -1, -1, device=image_ids.device)
+    return from_right[None, :] < lengths[:, None]
+
+
+def align_right(states: torch.Tensor, length: int) -> torch.Tensor:
+    """``(batch, seq, hidden)`` states placed at the right end of a ``(batch, length, hidden)`` zero tensor."""
+    batch, seq, hidden = states.shape
+    out = states.new_zeros(batch, length, hidden)
+    keep = min(seq, length)
+    out[:, length - keep :] = states[:, seq - keep :]
+    return out
+
+
+def _repeat_for(hidden: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Expand per-sample tensors to ``generate``'s beams/return sequences (sample-major order)."""
+    factor = hidden.shape[0] // tensors[0].shape[0]
+    return [t if factor == 1 else t.repeat_interleave(factor, dim=0) for t in tensors]
+
+
+def _edit(spec: FusionSpec, text_state: torch.Tensor, image_state: torch.Tensor, mask: torch.Tensor):
+    """The fusion formula at one layer, as an edit of that layer's prefill hidden states."""
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        text, image, where = _repeat_for(hidden, text_state, image_state, mask[..., None])
+        hidden = hidden.clone()  # the input may be a tensor the caller still holds (hidden_states outputs)
+        if spec.mode == "additive":
+            return hidden + where * (spec.a * text - spec.b * image)
+        return torch.where(where, spec.w_vis * image + spec.w_text * text, hidden)
+
+    return edit
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    return model.get_decoder().layers
+
+
+@torch.inference_mode()
+def steered_generate(model, image_inputs: dict, text_inputs: dict, spec: FusionSpec, **generate_kwargs) -> torch.Tensor:
+    """Generate from ``image_inputs`` with text-only states from ``text_inputs`` fused in.
+
+    Both are batches of model inputs for the same questions, left-padded, as processors return
+    them. Returns ``generate``'s sequences ``(batch * num_return_sequences, prompt + new)``.
+    """
+    layers = _decoder_layers(model)
+    start, end = spec.layer_range(len(layers))
+    mask = fused_positions(
+        image_inputs["input_ids"], image_inputs["attention_mask"], text_inputs["input_ids"], text_inputs["attention_mask"], spec.positions
+    )
+    text_states = capture_layer_inputs(model, layers, text_inputs, start, end)
+    image_states = capture_layer_inputs(model, layers, image_inputs, start, end)
+    image_len = image_inputs["input_ids"].shape[1]
+    edits = [_edit(spec, align_right(t, image_len), v, mask) for t, v in zip(text_states, image_states)]
+    with PrefillEditor(layers, start, edits).active():
+        return model.generate(**image_inputs, **generate_kwargs)
+
+
+def fused_generate(
+    model,
+    processor,
+    images: Sequence | None,
+    questions: Sequence[str],
+    fusion: FusionSpec | None,
+    batch_size: int = 16,
+    **generate_kwargs,
+) -> list[str]:
+    """Answers to ``questions`` about ``images`` (PIL images), with fusion applied; batched.
+
+    ``fusion`` None (or neutral) runs the plain model; ``images`` None asks the questions without
+    images (text-only prompts; no fusion). ``generate_kwargs`` go to ``generate`` (greedy by
+    default). The one entry point for evaluation, ``vift predict`` and the MLflow model.
+    """
+    from vift.fusion.families import adapter_for
+
+    if images is None and fusion is not None and not fusion.is_neutral:
+        raise ValueError("fusion needs images: it fuses text-only states into the image+question pass")
+    adapter = adapter_for(model)
+    generate_kwargs.setdefault("do_sample", False)
+    answers: list[str] = []
+    for begin in range(0, len(questions), batch_size):
+        batch_questions = list(questions[begin : begin + batch_size])
+        if images is None:
+            inputs = adapter.text_inputs(processor, batch_questions, model.device)
+        else:
+            inputs = adapter.image_inputs(processor, list(images[begin : begin + batch_size]), batch_questions, model.device)
+        if fusion is None or fusion.is_neutral or images is None:
+            with torch.inference_mode():
+                sequences = model.generate(**inputs, **generate_kwargs)
+        else:
+            text_inputs = adapter.text_inputs(processor, batch_questions, model.device)
+            sequences = steered_generate(model, inputs, text_inputs, fusion, **generate_kwargs)
+        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+        answers.extend(t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
