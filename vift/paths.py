@@ -13,6 +13,10 @@ VIT_MODEL = MODELS_DIR / "vit"
 REPORTS_DIR = Path("reports")
 PLOTS_DIR = REPORTS_DIR / "plots"
 BASE_REPORT = REPORTS_DIR / "base.json"
+FUSION_JSON = MODELS_DIR / "fusion.json"
+METRICS_JSON = REPORTS_DIR / "metrics.json"
+ABLATION_MD = REPORTS_DIR / "ablation.md"
+PREDICTIONS_DIR = REPORTS_DIR / "predictions"
 MLFLOW_DB = Path("mlflow.db")
 
 

@@ -131,20 +131,33 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     return model.get_decoder().layers
 
 
+def capture_states(model, image_inputs: dict, text_inputs: dict, start: int, end: int) -> tuple[list, list]:
+    """Unsteered inputs of decoder layers [start, end): (text-only states, image+question states)."""
+    layers = _decoder_layers(model)
+    return (
+        capture_layer_inputs(model, layers, text_inputs, start, end),
+        capture_layer_inputs(model, layers, image_inputs, start, end),
+    )
+
+
 @torch.inference_mode()
-def steered_generate(model, image_inputs: dict, text_inputs: dict, spec: FusionSpec, **generate_kwargs) -> torch.Tensor:
+def steered_generate(
+    model, image_inputs: dict, text_inputs: dict, spec: FusionSpec, states: tuple[list, list] | None = None, **generate_kwargs
+):
     """Generate from ``image_inputs`` with text-only states from ``text_inputs`` fused in.
 
     Both are batches of model inputs for the same questions, left-padded, as processors return
-    them. Returns ``generate``'s sequences ``(batch * num_return_sequences, prompt + new)``.
+    them. ``states``: captures from ``capture_states`` over exactly the spec's layer range, to
+    reuse across specs (calibration); captured here when None. Returns what ``generate`` returns.
     """
     layers = _decoder_layers(model)
     start, end = spec.layer_range(len(layers))
     mask = fused_positions(
         image_inputs["input_ids"], image_inputs["attention_mask"], text_inputs["input_ids"], text_inputs["attention_mask"], spec.positions
     )
-    text_states = capture_layer_inputs(model, layers, text_inputs, start, end)
-    image_states = capture_layer_inputs(model, layers, image_inputs, start, end)
+    text_states, image_states = states if states is not None else capture_states(model, image_inputs, text_inputs, start, end)
+    if len(text_states) != end - start:
+        raise ValueError(f"{len(text_states)} captured layers for the fusion range [{start}, {end})")
     image_len = image_inputs["input_ids"].shape[1]
     edits = [_edit(spec, align_right(t, image_len), v, mask) for t, v in zip(text_states, image_states)]
     with PrefillEditor(layers, start, edits).active():

@@ -1,0 +1,125 @@
+"""The ablation table: what fusion adds, against the baselines and the controls that expose text priors.
+
+Rows (each: accuracy, Wilson 95 % interval, n, per question type):
+- ``caption_only``: the stage-1 model, plain.
+- ``vift_unfused``: the stage-2 model, plain.
+- ``vift_fused``: the stage-2 model with the calibrated fusion.
+- ``vit_baseline``: visual instruction tuning at equal compute, plain.
+- ``describe_then_answer``: the stage-2 model captions the image, then answers over its caption as text.
+- ``question_only`` (control): the stage-2 model, the question without the image.
+- ``fused_wrong_image`` (control): the calibrated fusion with every question paired with another
+  item's image; a gain this row also gets is a text prior, not perception.
+- ``majority_per_type`` (control): the most common gold answer of each question type (in the
+  evaluated split itself: an upper bound for any answer prior per type).
+- ``oracle_description`` (ceiling, ShapeTally only): the stage-2 model answering over the true scene
+  description as text: what perfect perception would give its text skill.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from vift.data.world import DESCRIBE_PROMPT, text_prompt
+from vift.eval.runner import predict, prediction_rows, score
+from vift.eval.stats import paired_comparison
+from vift.fusion.method import FusionSpec, fused_generate
+
+CONTROLS = ("vift_unfused", "question_only", "fused_wrong_image")
+COMPARED_WITH_FUSED = (*CONTROLS, "describe_then_answer", "vit_baseline", "caption_only")
+
+
+def wrong_image_order(n: int, seed: int) -> list[int]:
+    """A seeded permutation with no fixed point: item i gets the image of item order[i] != i."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    return [int(order[(np.where(order == i)[0][0] + 1) % n]) for i in range(n)] if n > 1 else list(range(n))
+
+
+def majority_rows(records) -> list[dict]:
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for record in records:
+        by_type[record.type or "untyped"][record.answer] += 1
+    guesses = {t: counts.most_common(1)[0][0] for t, counts in by_type.items()}
+    return prediction_rows(records, [guesses[r.type or "untyped"] for r in records])
+
+
+def run_ablation(
+    models: dict[str, Callable[[], tuple]],
+    records: Sequence,
+    images: Sequence,
+    fusion: FusionSpec,
+    batch_size: int,
+    max_new_tokens: int,
+    seed: int,
+    caption_tokens: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[dict]]:
+    """Per-row predictions. ``models`` maps caption / vift / vit to loaders of (model, processor)."""
+    rows: dict[str, list[dict]] = {}
+
+    def step(name: str) -> None:
+        if progress:
+            progress(name)
+
+    run = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if "caption" in models:
+        step("caption_only")
+        model, processor = models["caption"]()
+        rows["caption_only"] = predict(model, processor, records, images, None, **run)
+    model, processor = models["vift"]()
+    step("vift_unfused")
+    rows["vift_unfused"] = predict(model, processor, records, images, None, **run)
+    step("vift_fused")
+    rows["vift_fused"] = predict(model, processor, records, images, fusion, **run)
+    step("question_only")
+    rows["question_only"] = predict(model, processor, records, None, None, **run)
+    step("fused_wrong_image")
+    shuffled = [images[i] for i in wrong_image_order(len(images), seed)]
+    rows["fused_wrong_image"] = predict(model, processor, records, shuffled, fusion, **run)
+    step("describe_then_answer")
+    captions = fused_generate(model, processor, images, [DESCRIBE_PROMPT] * len(records), None, batch_size=batch_size, max_new_tokens=caption_tokens)
+    over_captions = [text_prompt(c, r.question) for c, r in zip(captions, records)]
+    rows["describe_then_answer"] = predict(model, processor, records, None, None, questions=over_captions, **run)
+    for row, caption in zip(rows["describe_then_answer"], captions):
+        row["caption"] = caption
+    scenes = [(r.model_extra or {}).get("scene") for r in records]
+    if all(scenes):
+        step("oracle_description")
+        rows["oracle_description"] = predict(
+            model, processor, records, None, None, questions=[text_prompt(s, r.question) for s, r in zip(scenes, records)], **run
+        )
+    if "vit" in models:
+        step("vit_baseline")
+        model, processor = models["vit"]()
+        rows["vit_baseline"] = predict(model, processor, records, images, None, **run)
+    rows["majority_per_type"] = majority_rows(records)
+    return rows
+
+
+def summarise(rows: dict[str, list[dict]], bootstrap_samples: int, seed: int) -> dict:
+    """metrics.json: scored rows, paired comparisons of vift_fused, and the verdict on fusion."""
+    ids = [r["id"] for r in rows["vift_fused"]]
+    for name, items in rows.items():
+        if [r["id"] for r in items] != ids:  # paired statistics need the same items in the same order
+            raise ValueError(f"row {name} does not cover the same items as vift_fused")
+    scored = {name: score(items) for name, items in rows.items()}
+    fused = [r["correct"] for r in rows["vift_fused"]]
+    paired = {
+        f"vift_fused_vs_{other}": paired_comparison(fused, [r["correct"] for r in rows[other]], bootstrap_samples, seed)
+        for other in COMPARED_WITH_FUSED
+        if other in rows
+    }
+    beats = {other: paired[f"vift_fused_vs_{other}"]["ci95"][0] > 0 for other in CONTROLS}
+    return {
+        "rows": scored,
+        "paired": paired,
+        "verdict": {
+            "fusion_beats_controls": all(beats.values()),
+            "beats": beats,
+            "rule": "vift_fused must beat vift_unfused, question_only and fused_wrong_image with the paired "
+            "bootstrap 95 % CI of the accuracy difference above 0",
+        },
+    }

@@ -1,0 +1,53 @@
+"""reports/ablation.md: the table a researcher reads first."""
+
+from __future__ import annotations
+
+# Accuracy (%) reported by the reference repository (see the team's PAPER.md), for context only:
+# those are 7-8B models on real math benchmarks, not comparable with ShapeTally numbers.
+PAPER_RESULTS = {
+    "columns": ["MathVista MVQA", "MathVista GVQA", "MathVista ALL", "MathVerse V-mini", "MathVerse ALL", "MathVision ALL", "avg"],
+    "rows": {
+        "LLaVA-1.5-7B": [21.4, 30.5, 25.6, 11.8, 12.1, 8.5, 15.4],
+        "LLaVA-Next-8B": [32.0, 51.5, 41.0, 12.5, 13.9, 14.1, 23.0],
+        "Qwen2-VL-7B": [54.3, 64.3, 58.9, 27.1, 30.5, 17.7, 35.6],
+        "LLaVA-OneVision-7B": [58.0, 58.7, 58.3, 26.2, 31.0, 18.1, 35.8],
+        "ViFT-7B": [49.8, 48.4, 49.2, 28.6, 34.8, 24.0, 36.0],
+        "ViFT-A-7B": [56.7, 53.9, 55.4, 28.8, 35.4, 20.5, 37.1],
+    },
+}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def ablation_markdown(metrics: dict, fusion: dict, title: str) -> str:
+    rows = metrics["rows"]
+    types = sorted({t for row in rows.values() for t in row["by_type"]})
+    lines = [f"# {title}", ""]
+    lines += [
+        f"Fusion (calibrated): `{fusion['mode']}`, positions `{fusion['positions']}`, layers "
+        f"[{fusion['layer_start']}, {fusion['layer_end']}), a={fusion['a']:g} b={fusion['b']:g} "
+        f"w_vis={fusion['w_vis']:g} w_text={fusion['w_text']:g}.",
+        "",
+        "| row | accuracy % | 95 % CI | n | " + " | ".join(types) + " |",
+        "| --- | ---: | --- | ---: | " + " | ".join("---:" for _ in types) + " |",
+    ]
+    for name, row in rows.items():
+        by_type = " | ".join(_pct(row["by_type"][t]["accuracy"]) if t in row["by_type"] else "" for t in types)
+        lines.append(f"| {name} | {_pct(row['accuracy'])} | {_pct(row['ci95'][0])}–{_pct(row['ci95'][1])} | {row['n']} | {by_type} |")
+    lines += ["", "## Paired comparisons (same items)", "", "| comparison | difference (pp) | paired bootstrap 95 % CI | only fused right | only other right | McNemar p |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for name, pair in metrics["paired"].items():
+        lines.append(
+            f"| {name} | {100 * pair['difference']:+.1f} | {100 * pair['ci95'][0]:+.1f} to {100 * pair['ci95'][1]:+.1f} | "
+            f"{pair['only_first_correct']} | {pair['only_second_correct']} | {pair['mcnemar_p']:.3g} |"
+        )
+    verdict = metrics["verdict"]
+    lines += ["", f"**Verdict:** fusion {'beats' if verdict['fusion_beats_controls'] else 'does NOT beat'} all controls ({verdict['rule']}): "
+              + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in verdict["beats"].items()) + "."]  # fmt: skip
+    lines += ["", "## For context: the paper's numbers (not comparable: 7-8B models, real math benchmarks)", ""]
+    lines.append("| model | " + " | ".join(PAPER_RESULTS["columns"]) + " |")
+    lines.append("| --- | " + " | ".join("---:" for _ in PAPER_RESULTS["columns"]) + " |")
+    for model, values in PAPER_RESULTS["rows"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"

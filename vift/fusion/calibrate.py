@@ -1,0 +1,206 @@
+"""Calibration: search fusion mode x positions x layer range x weights on a calibration split.
+
+A coarse grid first, then refinement around the best configuration, within a budget of evaluated
+configurations. Objective: accuracy; ties are broken by the mean log-likelihood of the gold answers
+under the fused model. The plain model (neutral fusion) is always a candidate, so calibration never
+picks a fusion that does worse than no fusion on the calibration split.
+
+Captured states depend on the batch and layer range only, not on the weights, so each batch is
+captured once over all layers and reused by every configuration (within a memory limit).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from vift.config.schema import CalibrationParams
+from vift.eval.answers import extract_answer, is_correct
+from vift.fusion.families import adapter_for
+from vift.fusion.method import NEUTRAL, FusionSpec, capture_states, steered_generate
+
+WEIGHT_FIELDS = {"additive": ("a", "b"), "replace": ("w_vis", "w_text")}
+
+
+class GoldAnswerScorer(LogitsProcessor):
+    """Forces the gold answer tokens while summing their log-probabilities (teacher forcing)."""
+
+    def __init__(self, gold: torch.Tensor, eos_token_id: int):
+        self.gold = gold  # (batch, steps), -1 after the end of each answer
+        self.eos_token_id = eos_token_id
+        self.step = 0
+        self.log_likelihood = torch.zeros(gold.shape[0], dtype=torch.float64)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        tokens = self.gold[:, self.step] if self.step < self.gold.shape[1] else torch.full_like(self.gold[:, 0], -1)
+        valid = tokens >= 0
+        log_probs = torch.log_softmax(scores.double(), dim=-1)
+        picked = log_probs.gather(1, tokens.clamp(min=0)[:, None])[:, 0]
+        self.log_likelihood += torch.where(valid, picked, torch.zeros_like(picked)).cpu()
+        forced = torch.full_like(scores, -math.inf)
+        forced[torch.arange(scores.shape[0]), torch.where(valid, tokens, torch.full_like(tokens, self.eos_token_id))] = 0
+        self.step += 1
+        return forced
+
+
+@dataclass
+class _Batch:
+    image_inputs: dict
+    text_inputs: dict
+    records: list
+    states: tuple[list, list] | None  # captures of all layers, when within the memory limit
+
+
+def candidate_ranges(num_layers: int, given: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    """The layer ranges to search: given ones (validated) or a spread derived from the depth."""
+    if given:
+        for start, end in given:
+            if not 0 <= start < end <= num_layers:
+                raise ValueError(f"fusion.calibrate.layer_ranges: [{start}, {end}) outside 0..{num_layers}")
+        return [tuple(r) for r in given]
+    n = num_layers
+    spread = [(0, n), (n // 2, n), (n // 4, n), (0, n // 2), (n // 4, max(n // 4 + 1, 3 * n // 4))]
+    return list(dict.fromkeys((s, e) for s, e in spread if 0 <= s < e <= n))
+
+
+class Calibrator:
+    """Evaluates fusion configurations on calibration records, with cached captures."""
+
+    def __init__(self, model, processor, records, images, batch_size: int, max_new_tokens: int, max_cache_bytes: int = 2 << 30):
+        self.model = model
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.num_layers = len(model.get_decoder().layers)
+        adapter = adapter_for(model)
+        self.batches: list[_Batch] = []
+        cached = 0
+        for begin in range(0, len(records), batch_size):
+            chunk = records[begin : begin + batch_size]
+            questions = [r.question for r in chunk]
+            image_inputs = adapter.image_inputs(processor, images[begin : begin + batch_size], questions, model.device)
+            text_inputs = adapter.text_inputs(processor, questions, model.device)
+            states = None
+            if cached < max_cache_bytes:
+                states = capture_states(model, image_inputs, text_inputs, 0, self.num_layers)
+                cached += sum(t.numel() * t.element_size() for group in states for t in group)
+            self.batches.append(_Batch(image_inputs, text_inputs, list(chunk), states))
+
+    def _states(self, batch: _Batch, spec: FusionSpec):
+        start, end = spec.layer_range(self.num_layers)
+        if batch.states is None:
+            return None
+        return batch.states[0][start:end], batch.states[1][start:end]
+
+    def _generate(self, batch: _Batch, spec: FusionSpec, **kwargs):
+        if spec.is_neutral:
+            with torch.inference_mode():
+                return self.model.generate(**batch.image_inputs, **kwargs)
+        return steered_generate(self.model, batch.image_inputs, batch.text_inputs, spec, states=self._states(batch, spec), **kwargs)
+
+    def accuracy(self, spec: FusionSpec) -> float:
+        correct = total = 0
+        for batch in self.batches:
+            sequences = self._generate(batch, spec, max_new_tokens=self.max_new_tokens, do_sample=False)
+            new = sequences[:, batch.image_inputs["input_ids"].shape[1] :]
+            for record, text in zip(batch.records, self.processor.batch_decode(new, skip_special_tokens=True)):
+                correct += is_correct(extract_answer(text, record.answer, record.choices), record.answer, record.choices)
+                total += 1
+        return correct / max(1, total)
+
+    def answer_log_likelihood(self, spec: FusionSpec) -> float:
+        """Mean log-likelihood (nats) of the gold answers, end-of-turn token included."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        total, count = 0.0, 0
+        for batch in self.batches:
+            ids = [tokenizer(r.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in batch.records]
+            gold = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
+            for row, tokens in enumerate(ids):
+                gold[row, : len(tokens)] = torch.tensor(tokens)
+            scorer = GoldAnswerScorer(gold.to(self.model.device), tokenizer.eos_token_id)
+            self._generate(batch, spec, max_new_tokens=gold.shape[1], min_new_tokens=gold.shape[1], do_sample=False, logits_processor=LogitsProcessorList([scorer]))
+            total += float(scorer.log_likelihood.sum())
+            count += len(ids)
+        return total / max(1, count)
+
+
+def _grid(mode: str, positions: str, layer_range: tuple[int, int], weights: Sequence[float]) -> list[FusionSpec]:
+    first, second = WEIGHT_FIELDS[mode]
+    return [
+        FusionSpec(mode=mode, positions=positions, layer_start=layer_range[0], layer_end=layer_range[1], **{first: x, second: y})
+        for x, y in itertools.product(weights, weights)
+    ]
+
+
+def _neighbours(spec: FusionSpec, weights: Sequence[float], ranges: Sequence[tuple[int, int]], num_layers: int) -> list[FusionSpec]:
+    """Configurations next to ``spec``: adjacent and midway weights, shifted layer range ends."""
+    grid = sorted(set(weights))
+    result = []
+    for field in WEIGHT_FIELDS[spec.mode]:
+        value = getattr(spec, field)
+        below = [w for w in grid if w < value]
+        above = [w for w in grid if w > value]
+        candidates = []
+        if below:
+            candidates += [below[-1], (below[-1] + value) / 2]
+        if above:
+            candidates += [above[0], (above[0] + value) / 2]
+        result += [spec.with_weights(**{field: round(c, 4)}) for c in candidates]
+    start, end = spec.layer_range(num_layers)
+    for s, e in ((start - 1, end), (start + 1, end), (start, end - 1), (start, end + 1)):
+        if 0 <= s < e <= num_layers:
+            result.append(spec.with_weights(layer_start=s, layer_end=e))
+    return result
+
+
+def search(calibrator: Calibrator, params: CalibrationParams, progress=None) -> dict:
+    """Coarse grid, then refinement; returns the chosen spec and the whole search table."""
+    ranges = candidate_ranges(calibrator.num_layers, params.layer_ranges)
+    coarse_weights = sorted(set(params.weights[::2]) | {params.weights[-1]})
+    groups = [_grid(m, p, r, coarse_weights) for m, p, r in itertools.product(params.modes, params.positions, ranges)]
+    # Round-robin over (mode, positions, range) groups, so a truncated coarse grid covers each alike.
+    coarse = [NEUTRAL] + [spec for row in zip(*groups) for spec in row]
+    coarse_budget = max(1, (2 * params.budget) // 3) if len(coarse) > params.budget else len(coarse)
+    table: dict[FusionSpec, dict] = {}
+
+    def evaluate(spec: FusionSpec, phase: str) -> None:
+        if spec in table or len(table) >= params.budget:
+            return
+        table[spec] = {"accuracy": calibrator.accuracy(spec), "phase": phase}
+        if progress:
+            progress(len(table), params.budget)
+
+    for spec in coarse[:coarse_budget]:
+        evaluate(spec, "coarse")
+    improved = True
+    while improved and len(table) < params.budget:
+        best = max(table, key=lambda s: table[s]["accuracy"])
+        before = len(table)
+        for spec in _neighbours(best, params.weights, ranges, calibrator.num_layers) if not best.is_neutral else []:
+            evaluate(spec, "refine")
+        improved = len(table) > before and max(table, key=lambda s: table[s]["accuracy"]) != best
+    top = max(row["accuracy"] for row in table.values())
+    tied = [spec for spec, row in table.items() if row["accuracy"] == top]
+    for spec in tied if len(tied) > 1 else []:
+        table[spec]["answer_log_likelihood"] = calibrator.answer_log_likelihood(spec)
+    chosen = max(tied, key=lambda s: table[s].get("answer_log_likelihood", 0.0))
+    rows = [{**spec.to_dict(), "layer_end": spec.layer_range(calibrator.num_layers)[1], **row} for spec, row in table.items()]
+    return {
+        "fusion": {**chosen.to_dict(), "layer_end": chosen.layer_range(calibrator.num_layers)[1]},
+        "calibration": {
+            "accuracy": top,
+            "unfused_accuracy": table[NEUTRAL]["accuracy"],
+            "chosen_is_neutral": chosen.is_neutral,
+            "tied_at_top": len(tied),
+            "evaluated": len(table),
+            "budget": params.budget,
+            "items": sum(len(b.records) for b in calibrator.batches),
+            "layer_ranges": ranges,
+            "num_layers": calibrator.num_layers,
+        },
+        "search": rows,
+    }

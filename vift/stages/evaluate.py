@@ -1,0 +1,56 @@
+"""Stage ``evaluate``: the ablation table on the test split, with predictions and plots."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from vift import paths
+from vift.config.schema import Params
+from vift.eval.ablation import run_ablation, summarise
+from vift.eval.plots import accuracy_bars, accuracy_by_type
+from vift.eval.report import ablation_markdown
+from vift.eval.runner import load_images, load_vqa
+from vift.fusion.method import FusionSpec
+from vift.io import atomic_directory, atomic_write_json, atomic_write_text
+from vift.model.loading import load_model, load_processor
+
+
+def _loader(path, params: Params):
+    def load():
+        return (
+            load_model(path, params.model.dtype, params.model.trust_remote_code).eval(),
+            load_processor(path, params.model.trust_remote_code),
+        )
+
+    return load
+
+
+def run(params: Params) -> None:
+    started = time.time()
+    fusion_file = json.loads(paths.FUSION_JSON.read_text())
+    fusion = FusionSpec.from_dict(fusion_file["fusion"])
+    records = load_vqa(paths.manifest("test"), paths.DATA_DIR, params.data.bad_records)
+    images = load_images(records, paths.DATA_DIR)
+    models = {"caption": _loader(paths.CAPTION_MODEL, params), "vift": _loader(paths.VIFT_MODEL, params)}
+    if paths.VIT_MODEL.exists():
+        models["vit"] = _loader(paths.VIT_MODEL, params)
+    rows = run_ablation(
+        models, records, images, fusion, params.eval.batch_size, params.eval.max_new_tokens, params.eval.seed,
+        progress=lambda name: print(f"evaluate: {name}", flush=True),
+    )  # fmt: skip
+    metrics = summarise(rows, params.eval.bootstrap_samples, params.eval.seed)
+    metrics["fusion"] = fusion_file["fusion"]
+    metrics["calibration"] = fusion_file["calibration"]
+    metrics["seconds"] = round(time.time() - started, 1)
+    with atomic_directory(paths.PREDICTIONS_DIR) as out:
+        for name, items in rows.items():
+            (out / f"{name}.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in items))
+    accuracy_bars(metrics["rows"], paths.PLOTS_DIR / "accuracy.png")
+    accuracy_by_type(metrics["rows"], paths.PLOTS_DIR / "accuracy_by_type.png")
+    atomic_write_text(
+        paths.PLOTS_DIR / "accuracy.csv",
+        "row,accuracy,ci_low,ci_high\n" + "".join(f"{n},{r['accuracy']:.4f},{r['ci95'][0]:.4f},{r['ci95'][1]:.4f}\n" for n, r in metrics["rows"].items()),
+    )
+    atomic_write_text(paths.ABLATION_MD, ablation_markdown(metrics, fusion_file["fusion"], f"Ablation ({params.preset} preset, test split)"))
+    atomic_write_json(paths.METRICS_JSON, metrics)
