@@ -1,7 +1,45 @@
 """Per-family knowledge: how to build left-padded image+question and text-only inputs.
 
-Everything model-family specific that fusion and evaluation need lives here. The engine itself only
-needs two batches of model inputs whose real tokens are right-aligned.
+Everything model-family specific that fusion and evaluation need lives here. The engine
+(:mod:`vift.fusion.method`) only needs two batches of model inputs whose real tokens are right-aligned
+(left padding) and ``model.get_decoder().layers``; it drives every family through ``generate`` alone.
+
+Supported families (transformers 5.24, each checked against its source and tested on a tiny random
+model in ``tests/test_families.py``):
+
+- ``llava`` and ``llava_onevision``: chat template + processor; decoder layers are
+  ``model.model.language_model.layers``. LLaVA-OneVision's processor also returns ``image_sizes`` and
+  ``batch_num_images`` (one image per prompt here, so the any-resolution path is used).
+- ``qwen2_vl`` (also ``qwen2_5_vl``): chat template + processor; decoder layers are
+  ``model.model.language_model.layers``. M-RoPE needs ``mm_token_type_ids`` (0 text, 1 image, 2 video)
+  next to ``input_ids``: without it ``generate`` silently falls back to 1-D text positions for an image
+  prompt (and a plain forward with ``image_grid_thw`` raises). The adapter fills it when a processor
+  does not return it, and adds an all-zero one to text-only inputs, so both batches carry the same keys.
+  The model keeps ``model.model.rope_deltas`` between calls; in 5.24 every fresh ``generate`` call
+  recomputes it in ``_prepare_position_ids_for_generation`` (the cache is empty, so the stale value is
+  never read), and the engine only ever calls ``generate``, so a text-only capture, an image capture and
+  the steered generation each get their own, correct positions: no reset is needed (pinned by a test).
+- ``idefics3`` (also ``smolvlm``): chat template + processor; decoder layers are
+  ``model.model.text_model.layers``. The processor expands ``<image>`` into
+  ``<fake_token_around_image>``, row/column tags and ``image_seq_len`` image tokens per tile and returns
+  ``pixel_values`` ``(batch, images, 3, H, W)`` padded with all-zero images plus
+  ``pixel_attention_mask``. Their chat templates write ``User:<image>question`` with an image but
+  ``User: question`` without one, so with real tokenizers the question's first word can tokenize
+  differently in the two prompts; ``question`` positions (the longest common suffix) then start at the
+  first shared token.
+- ``paligemma`` (PaliGemma 1 and 2): no chat template; the prompt is the question itself (add task
+  prefixes such as ``"answer en "`` to the questions yourself). The processor writes
+  ``<image>×N <bos> question \\n``; the text-only prompt is ``<bos> question \\n``, tokenized directly
+  because the processor refuses calls without images. Decoder layers are
+  ``model.model.language_model.layers``. See :class:`PaliGemmaAdapter` for the bidirectional prefix.
+
+Pitfalls the engine avoids for all of them: decoder layers return a plain tensor (``output[0]`` would
+be batch element 0), so hooks read and replace only ``args[0]`` (the layer's keyword names change
+between 5.x releases); position ids of a plain forward differ from ``generate``'s for padded batches
+(and PaliGemma's plain forward ignores padding entirely), so captures run the prefill through
+``generate``; edits clone the hidden states (``output_hidden_states`` returns the same tensors);
+masks are built from token ids outside the model; the layer list is ``get_decoder().layers``, never
+the longest ``X.{n}`` module list, which is the vision tower whenever it is deeper than the LM.
 """
 
 from __future__ import annotations
@@ -19,9 +57,21 @@ def _user_message(question: str, with_image: bool) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _to(batch: dict, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @dataclass(frozen=True)
 class FamilyAdapter:
-    """Chat-template families: the processor renders prompts and expands image tokens."""
+    """Chat-template families: the processor renders prompts and expands image tokens.
+
+    ``image_inputs`` and ``text_inputs`` return left-padded batches (real tokens right-aligned), as
+    ``generate`` takes them; ``processor`` may be a bare tokenizer for ``text_inputs``.
+    """
 
     name: str
     model_types: tuple[str, ...]
@@ -30,7 +80,7 @@ class FamilyAdapter:
         return processor.apply_chat_template(_user_message(question, with_image), add_generation_prompt=True, tokenize=False)
 
     def _left_padded(self, processor, **kwargs) -> dict:
-        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer = _tokenizer(processor)
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             return dict(processor(**kwargs, return_tensors="pt", padding=True, add_special_tokens=False))
@@ -40,17 +90,90 @@ class FamilyAdapter:
     def image_inputs(self, processor, images: Sequence, questions: Sequence[str], device) -> dict[str, torch.Tensor]:
         prompts = [self.prompt(processor, q, with_image=True) for q in questions]
         batch = self._left_padded(processor, text=prompts, images=[[image] for image in images])
-        return {k: v.to(device) for k, v in batch.items()}
+        return _to(batch, device)
 
     def text_inputs(self, processor, questions: Sequence[str], device) -> dict[str, torch.Tensor]:
         prompts = [self.prompt(processor, q, with_image=False) for q in questions]
-        tokenizer = getattr(processor, "tokenizer", processor)
-        batch = self._left_padded(tokenizer, text=prompts)
-        return {k: v.to(device) for k, v in batch.items()}
+        batch = self._left_padded(_tokenizer(processor), text=prompts)
+        return _to(batch, device)
+
+
+@dataclass(frozen=True)
+class QwenVLAdapter(FamilyAdapter):
+    """Qwen2-VL / Qwen2.5-VL: both batches carry ``mm_token_type_ids`` (needed by M-RoPE).
+
+    The type ids are derived from the token ids (outside the model): 1 on the processor's image token,
+    2 on its video token, 0 elsewhere, padding included, exactly as the processor computes them.
+    """
+
+    @staticmethod
+    def mm_token_type_ids(input_ids: torch.Tensor, processor) -> torch.Tensor:
+        types = torch.zeros_like(input_ids)
+        types[input_ids == processor.image_token_id] = 1
+        if getattr(processor, "video_token_id", None) is not None:
+            types[input_ids == processor.video_token_id] = 2
+        return types
+
+    def image_inputs(self, processor, images: Sequence, questions: Sequence[str], device) -> dict[str, torch.Tensor]:
+        batch = super().image_inputs(processor, images, questions, "cpu")
+        if batch.get("mm_token_type_ids") is None:  # processors of transformers 5.24 return it; older ones did not
+            batch["mm_token_type_ids"] = self.mm_token_type_ids(batch["input_ids"], processor)
+        return _to(batch, device)
+
+    def text_inputs(self, processor, questions: Sequence[str], device) -> dict[str, torch.Tensor]:
+        batch = super().text_inputs(processor, questions, "cpu")
+        batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        return _to(batch, device)
+
+
+@dataclass(frozen=True)
+class PaliGemmaAdapter(FamilyAdapter):
+    """PaliGemma: a prefix-LM without chat template; both prompts are one bidirectional prefix.
+
+    PaliGemma attends bidirectionally over the prefix (``token_type_ids == 0``: image + ``<bos>`` +
+    prompt + ``\\n``) and causally over the suffix (generated tokens, type 1). Consequences, and what the
+    engine does:
+
+    - Within one layer, steering the question positions also changes the outputs of earlier prefix
+      positions (the image tokens attend to the question tokens), so from the first fused layer on the
+      image positions drift away from the captured ``V_l`` too; in the causal families every position
+      before the first fused one stays exactly as in the plain model. The engine edits only the fused
+      (question) positions, with the unsteered captures, as for every family: it neither re-captures
+      nor corrects the image positions, and their drift reaches decoding through the KV cache.
+    - The text-only prefix has a different block structure: one bidirectional block
+      ``<bos> question \\n`` without image tokens, whereas with the image the block is
+      ``<image>×N <bos> question \\n``. ``text_inputs`` gives ``token_type_ids`` of 0 over the whole
+      text-only prompt, so ``T_l`` is PaliGemma's native (bidirectional-prefix) reading of the question
+      alone, and text-only answering (``images=None``) is the model's ordinary prefix-LM use. The two
+      prompts share ``<bos> question \\n``, so ``question`` and ``text_prompt`` positions coincide.
+    - ``generate`` appends type-1 (causal) ids for new tokens; decode steps are untouched as usual.
+
+    The processor's ``labels`` (a training convenience) are dropped.
+    """
+
+    def prompt(self, processor, question: str, with_image: bool) -> str:
+        if with_image:  # the processor adds <bos> after the image tokens and the final "\n"
+            return processor.image_token + question
+        return _tokenizer(processor).bos_token + question + "\n"
+
+    def image_inputs(self, processor, images: Sequence, questions: Sequence[str], device) -> dict[str, torch.Tensor]:
+        batch = super().image_inputs(processor, images, questions, "cpu")
+        batch.pop("labels", None)
+        return _to(batch, device)
+
+    def text_inputs(self, processor, questions: Sequence[str], device) -> dict[str, torch.Tensor]:
+        prompts = [self.prompt(processor, q, with_image=False) for q in questions]
+        batch = self._left_padded(_tokenizer(processor), text=prompts)
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])  # the whole prompt is the prefix
+        return _to(batch, device)
 
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("llava", ("llava",)),
+    FamilyAdapter("llava_onevision", ("llava_onevision",)),
+    QwenVLAdapter("qwen2_vl", ("qwen2_vl", "qwen2_5_vl")),
+    FamilyAdapter("idefics3", ("idefics3", "smolvlm")),
+    PaliGemmaAdapter("paligemma", ("paligemma",)),
 )
 
 

@@ -1,0 +1,472 @@
+"""Ability-fused inference on every supported family, each as a tiny random model built from configs.
+
+Every family's model is float64 with a wide init (so greedy outputs vary and never tie), and its
+vision tower is deeper than its language model (the trap of guessing the decoder layers by the
+longest numbered module list). Inputs come from the family adapter and a real processor built
+offline: a byte-level BPE tokenizer trained here plus the family's PIL image processor. Processors
+that declare a video processor (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) cannot type-check a missing
+one without torchvision, which is not installed; they are built with ``video_processor=None`` with
+that one check skipped (see ``_without_video_processor``), the image path being the real one.
+SmolVLM's processor needs ``num2words`` (not installed): its inputs come from the Idefics3
+processor, which writes the same image-token layout, and its adapter's prompt building is tested
+with the tokenizer alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+from transformers.processing_utils import ProcessorMixin
+
+from vift.errors import UserError
+from vift.fusion.families import FAMILIES, adapter_for
+from vift.fusion.method import FusionSpec, align_right, fused_generate, fused_positions, steered_generate
+
+GENERATE = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+QUESTIONS = [
+    "how many red circles are there",
+    "what colour is the square",
+    "is there a blue triangle left of the big green circle",
+    "how many squares",
+]
+IMAGE_SIZES = [(16, 24), (24, 16), (32, 32), (16, 16)]  # (height, width): image token counts differ for some families
+
+SPECIAL_TOKENS = [
+    "<|pad|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+    "<bos>", "<eos>",
+] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]  # fmt: skip
+
+# Simplified versions of each family's published chat template (same placement of image and text).
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ONEVISION = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}<image>{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}\n{{ part['text'] }}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IDEFICS3 = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+CORPUS = QUESTIONS + ["system user assistant You are a helpful assistant. User: Assistant: answer the question"]
+
+
+def _tokenizer(template: str | None, eos: str = "<|im_end|>", **extra) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=420, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token=eos, bos_token="<bos>", chat_template=template, padding_side="right", **extra
+    )
+
+
+@contextlib.contextmanager
+def _without_video_processor():
+    """Let a processor be built with ``video_processor=None``: its class check imports torchvision."""
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else check(self, name, arg)
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def _text_config(tokenizer, **kwargs) -> dict:
+    return {
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None, "tie_word_embeddings": True, **kwargs,
+    }  # fmt: skip
+
+
+SIGLIP = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 8}
+
+
+def build_llava():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config, SiglipVisionConfig
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = _tokenizer(CHATML, extra_special_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": 16, "width": 16}), tokenizer=tokenizer, patch_size=8,
+        vision_feature_select_strategy="full", chat_template=CHATML, image_token="<image>",
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(**SIGLIP, image_size=16), text_config=Qwen2Config(**_text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )  # fmt: skip
+    return LlavaForConditionalGeneration(config), processor
+
+
+def build_llava_onevision():
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, Qwen2Config
+    from transformers import SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    tokenizer = _tokenizer(ONEVISION, extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    pinpoints = [[16, 16], [16, 32], [32, 16]]
+    with _without_video_processor():
+        processor = LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=pinpoints),
+            tokenizer=tokenizer, video_processor=None, num_image_tokens=4, vision_feature_select_strategy="full",
+            chat_template=ONEVISION,
+        )  # fmt: skip
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**SIGLIP, image_size=16, vision_use_head=False), text_config=Qwen2Config(**_text_config(tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )  # fmt: skip
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+def _build_qwen(version: str):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = _tokenizer(QWEN)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor_class = Qwen2VLProcessor if version == "2" else Qwen2_5_VLProcessor
+    with _without_video_processor():
+        processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN)
+    tokens = {
+        "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+    }  # fmt: skip
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in tokens.items()}
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = _text_config(tokenizer, rope_parameters=rope)
+    common = {"depth": 4, "num_heads": 2, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if version == "2":
+        vision = {**common, "embed_dim": 16, "hidden_size": 32, "mlp_ratio": 2}
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids)), processor
+    vision = {**common, "hidden_size": 16, "intermediate_size": 32, "out_hidden_size": 32, "window_size": 16, "fullatt_block_indexes": [1, 3]}
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)), processor
+
+
+def _build_idefics3(family: str):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = _tokenizer(IDEFICS3, eos="<end_of_utterance>")
+    # images are split into 16-pixel tiles plus a global view: 1 to 5 tiles of image_seq_len tokens each
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS3)
+    config_class, model_class = (Idefics3Config, Idefics3ForConditionalGeneration) if family == "idefics3" else (SmolVLMConfig, SmolVLMForConditionalGeneration)
+    config = config_class(
+        text_config=LlamaConfig(**_text_config(tokenizer)), vision_config={**SIGLIP, "image_size": 16, "patch_size": 4},
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return model_class(config), processor
+
+
+def build_paligemma():
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipVisionConfig
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = _tokenizer(None, eos="<eos>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = SiglipImageProcessorPil(size={"height": 16, "width": 16})
+    image_processor.image_seq_length = 4  # (16 // 8) ** 2, as the hub's preprocessor config sets it
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc>/<seg> tokens
+    text = GemmaConfig(**{**_text_config(tokenizer), "bos_token_id": tokenizer.bos_token_id}, head_dim=16)
+    config = PaliGemmaConfig(
+        text_config=text, vision_config=SiglipVisionConfig(**SIGLIP, image_size=16, vision_use_head=False),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=32, hidden_size=32, vocab_size=len(tokenizer),
+    )  # fmt: skip
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable
+    adapter: str
+    lm_layers: Callable  # the language model's decoder layers, by their explicit path
+    vision_layers: Callable
+    bidirectional_prefix: bool = False
+
+
+def _siglip_layers(model):
+    return model.model.vision_tower.encoder.layers
+
+
+FAMILY_TABLE = {
+    f.name: f
+    for f in [
+        Family("llava", build_llava, "llava", lambda m: m.model.language_model.layers, _siglip_layers),
+        Family("llava_onevision", build_llava_onevision, "llava_onevision", lambda m: m.model.language_model.layers, _siglip_layers),
+        Family("qwen2_vl", lambda: _build_qwen("2"), "qwen2_vl", lambda m: m.model.language_model.layers, lambda m: m.model.visual.blocks),
+        Family("qwen2_5_vl", lambda: _build_qwen("2.5"), "qwen2_vl", lambda m: m.model.language_model.layers, lambda m: m.model.visual.blocks),
+        Family("idefics3", lambda: _build_idefics3("idefics3"), "idefics3", lambda m: m.model.text_model.layers, lambda m: m.model.vision_model.encoder.layers),
+        Family("smolvlm", lambda: _build_idefics3("smolvlm"), "idefics3", lambda m: m.model.text_model.layers, lambda m: m.model.vision_model.encoder.layers),
+        Family("paligemma", build_paligemma, "paligemma", lambda m: m.model.language_model.layers, _siglip_layers, bidirectional_prefix=True),
+    ]
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Intra-op threads only cost time on models this small (and on a shared CPU, a lot of it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_TABLE))
+def family(request):
+    """(Family, model, processor): float64, wide init, vision tower deeper than the language model."""
+    spec = FAMILY_TABLE[request.param]
+    torch.manual_seed(0)
+    model, processor = spec.build()
+    model = model.double().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.5)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return spec, model, processor
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
+
+
+def inputs_for(model, processor, images, questions):
+    adapter = adapter_for(model)
+    return adapter.image_inputs(processor, images, questions, model.device), adapter.text_inputs(processor, questions, model.device)
+
+
+def question_positions(image_inputs, text_inputs):
+    return fused_positions(
+        image_inputs["input_ids"], image_inputs["attention_mask"], text_inputs["input_ids"], text_inputs["attention_mask"], "question"
+    )
+
+
+def generate(model, inputs, spec=None, text_inputs=None, **kwargs):
+    kwargs = {**GENERATE, "output_logits": True, "return_dict_in_generate": True, **kwargs}
+    if spec is None:
+        with torch.inference_mode():
+            return model.generate(**inputs, **kwargs)
+    return steered_generate(model, inputs, text_inputs, spec, **kwargs)
+
+
+@contextlib.contextmanager
+def layer_spies(layers):
+    """Per layer, the hidden-state input before any other pre-hook (``before``) and as the layer ran (``after``)."""
+    before: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    after: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(lambda module, args, i=i: before[i].append(args[0].clone())))
+        handles.append(layer.register_forward_hook(lambda module, args, output, i=i: after[i].append(args[0].clone())))
+    try:
+        yield before, after
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_each_family_has_its_adapter(family):
+    spec, model, _ = family
+    assert adapter_for(model).name == spec.adapter
+    assert model.config.model_type in adapter_for(model).model_types
+
+
+def test_decoder_layers_are_the_language_models_even_below_a_deeper_vision_tower(family):
+    spec, model, _ = family
+    layers = model.get_decoder().layers
+    assert layers is spec.lm_layers(model)
+    assert len(layers) == model.config.get_text_config().num_hidden_layers == 3
+    assert len(spec.vision_layers(model)) > len(layers)
+    # the guess of generic steering libraries (the longest `X.{n}` module list) is the vision tower here
+    numbered = [
+        m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and all(n.isdigit() for n, _ in m.named_children())
+    ]
+    assert max(numbered, key=len) is spec.vision_layers(model)
+
+
+def test_inputs_are_left_padded_and_share_the_question_suffix(family, images):
+    spec, model, processor = family
+    image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
+    for batch in (image_inputs, text_inputs):
+        mask = batch["attention_mask"]
+        assert (mask[:, -1] == 1).all() and (mask.diff(dim=1) >= 0).all()  # real tokens right-aligned
+        assert len(set(mask.sum(dim=1).tolist())) > 1  # mixed lengths: the batch is padded
+    if spec.adapter == "qwen2_vl":
+        assert image_inputs["mm_token_type_ids"].any() and not text_inputs["mm_token_type_ids"].any()
+        # the adapter's own derivation (for processors that do not return them) is the processor's
+        derived = adapter_for(model).mm_token_type_ids(image_inputs["input_ids"], processor)
+        assert torch.equal(derived, image_inputs["mm_token_type_ids"])
+    if spec.adapter == "paligemma":
+        assert "labels" not in image_inputs  # the processor's training labels
+        assert not image_inputs["token_type_ids"].any() and not text_inputs["token_type_ids"].any()  # all prefix
+    fused = question_positions(image_inputs, text_inputs)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for row, question in enumerate(QUESTIONS):
+        shared = tokenizer.decode(image_inputs["input_ids"][row][fused[row]])
+        assert question.split(" ", 1)[1] in shared  # the question (its first word may tokenize differently)
+        assert not (image_inputs["input_ids"][row][fused[row]] == model.config.image_token_id).any()
+
+
+def test_adapter_prompts_need_only_the_tokenizer_for_text(family):
+    spec, model, processor = family
+    adapter = adapter_for(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    by_processor = adapter.text_inputs(processor, QUESTIONS, model.device)
+    by_tokenizer = adapter.text_inputs(tokenizer, QUESTIONS, model.device)
+    assert by_processor.keys() == by_tokenizer.keys()
+    assert all(torch.equal(by_processor[k], by_tokenizer[k]) for k in by_processor)
+    assert tokenizer.padding_side == "right"  # restored
+
+
+NEUTRAL_SPECS = [FusionSpec(mode="additive", a=0, b=0), FusionSpec(mode="replace", w_vis=1, w_text=0, positions="text_prompt")]
+
+
+@pytest.mark.parametrize("neutral", NEUTRAL_SPECS)
+def test_neutral_fusion_is_exactly_the_plain_model_also_after_other_calls(family, images, neutral):
+    """Also pins state kept between calls (Qwen2-VL's rope_deltas): unrelated calls come first."""
+    _, model, processor = family
+    image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
+    plain = generate(model, image_inputs)
+    other_images, other_text = inputs_for(model, processor, images[2:][::-1], QUESTIONS[:2])
+    generate(model, other_text)
+    generate(model, other_images)
+    fused = generate(model, image_inputs, neutral, text_inputs)
+    assert torch.equal(fused.sequences, plain.sequences)
+    for a, b in zip(fused.logits, plain.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fusion_edits_the_prefill_of_the_fused_positions_only(family, images):
+    spec, model, processor = family
+    layers = model.get_decoder().layers
+    image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
+    fusion = FusionSpec(a=1.0, b=0.5, layer_start=1, layer_end=2)
+    mask = question_positions(image_inputs, text_inputs)
+    prompt_len, steps = image_inputs["input_ids"].shape[1], GENERATE["max_new_tokens"]
+    with layer_spies(layers) as (plain_in, _):
+        plain = generate(model, image_inputs)
+    with layer_spies(layers) as (before, after):
+        fused = generate(model, image_inputs, fusion, text_inputs)
+    assert not torch.allclose(fused.logits[0], plain.logits[0])
+    for index in range(len(layers)):
+        calls = list(zip(before[index][-steps:], after[index][-steps:], strict=True))  # this generate's calls
+        assert [given.shape[1] for given, _ in calls] == [prompt_len] + [1] * (steps - 1)
+        for given, used in calls[1:]:  # decode steps pass untouched
+            assert torch.equal(used, given)
+        given, used = calls[0]
+        if index == fusion.layer_start:  # the edit, on the fused positions only: H + a·T − b·V, with V = H here
+            text_state = align_right(before[index][-steps - 2], prompt_len)  # from the text-only capture
+            assert torch.equal(before[index][-steps - 1], given)  # the image capture is this very prefill, unsteered
+            assert torch.equal((used != given).any(dim=-1), mask)
+            expected = given + mask[..., None] * (fusion.a * text_state - fusion.b * given)
+            assert torch.allclose(used, expected, rtol=0, atol=1e-12)
+        else:
+            assert torch.equal(used, given)
+    # One layer later, positions before the first fused one are untouched in a causal LM, but not under
+    # PaliGemma's bidirectional prefix (there the image tokens attend to the steered question tokens).
+    steered_next, plain_next = before[fusion.layer_end][-steps], plain_in[fusion.layer_end][0]
+    earlier = torch.arange(prompt_len)[None, :] < mask.long().argmax(dim=1)[:, None]
+    earlier &= image_inputs["attention_mask"].bool()
+    changed = not torch.allclose(steered_next[earlier], plain_next[earlier], rtol=0, atol=1e-12)
+    assert changed == spec.bidirectional_prefix
+    assert not torch.allclose(steered_next[mask], plain_next[mask])
+
+
+def test_a_batch_equals_the_samples_one_by_one(family, images):
+    _, model, processor = family
+    fusion = FusionSpec(a=0.8, b=0.4, layer_start=1)
+    image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
+    batched = generate(model, image_inputs, fusion, text_inputs)
+    new = batched.sequences[:, image_inputs["input_ids"].shape[1] :]
+    assert len({tuple(row.tolist()) for row in new}) > 1  # outputs vary, so the comparison means something
+    for row, (image, question) in enumerate(zip(images, QUESTIONS)):
+        single_image, single_text = inputs_for(model, processor, [image], [question])
+        single = generate(model, single_image, fusion, single_text)
+        assert torch.equal(single.sequences[0, single_image["input_ids"].shape[1] :], new[row])
+        assert torch.allclose(single.logits[0][0], batched.logits[0][row], rtol=0, atol=1e-9)
+
+
+def test_fused_generate_end_to_end(family, images):
+    """Adapter + processor + engine: neutral is the plain model, batching changes nothing, text-only works."""
+    _, model, processor = family
+    fusion = FusionSpec(mode="replace", w_vis=0.5, w_text=0.7, positions="text_prompt", layer_start=1)
+    kwargs = {"max_new_tokens": 3}
+    plain = fused_generate(model, processor, images, QUESTIONS, None, **kwargs)
+    assert fused_generate(model, processor, images, QUESTIONS, FusionSpec(), batch_size=3, **kwargs) == plain
+    by_three = fused_generate(model, processor, images, QUESTIONS, fusion, batch_size=3, **kwargs)
+    by_one = fused_generate(model, processor, images, QUESTIONS, fusion, batch_size=1, **kwargs)
+    assert by_three == by_one and len(by_one) == len(QUESTIONS)
+    assert by_one != plain  # the fusion did reach the answers
+    text_only = fused_generate(model, processor, None, QUESTIONS, None, batch_size=3, **kwargs)
+    assert len(text_only) == len(QUESTIONS) and all(isinstance(answer, str) for answer in text_only)
+
+
+def test_no_hook_remains_after_fusion_also_after_an_exception(family, images):
+    _, model, processor = family
+    layers = model.get_decoder().layers
+    image_inputs, text_inputs = inputs_for(model, processor, images[:2], QUESTIONS[:2])
+
+    def hooks():  # transformers keeps its own output-recording hooks on some modules: compare with them
+        return {name: (list(m._forward_pre_hooks), list(m._forward_hooks)) for name, m in model.named_modules()}
+
+    installed = hooks()
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+    steered_generate(model, image_inputs, text_inputs, FusionSpec(a=0.5), max_new_tokens=2)
+    assert hooks() == installed
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+
+    def explode(module, args, output):
+        raise RuntimeError("boom inside the steered forward")
+
+    failing = layers[-1].register_forward_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            steered_generate(model, image_inputs, text_inputs, FusionSpec(a=0.5, layer_end=2), max_new_tokens=2)
+    finally:
+        failing.remove()
+    assert hooks() == installed
+
+
+def test_an_unknown_family_names_every_supported_one():
+    with pytest.raises(UserError) as error:
+        adapter_for("mystery")
+    message = str(error.value)
+    assert message.startswith("unsupported model family 'mystery'; supported: ")
+    for model_type in ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma"):
+        assert re.search(rf"\b{model_type}\b", message)
+    assert {f.name for f in FAMILIES} == {"llava", "llava_onevision", "qwen2_vl", "idefics3", "paligemma"}
