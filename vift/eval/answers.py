@@ -14,7 +14,8 @@ NUMBER_WORDS = {
 }
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|\b(?:" + "|".join(NUMBER_WORDS) + r")\b")
 _YES_NO = re.compile(r"\b(yes|no)\b")
-_LETTER = re.compile(r"(?:^|answer(?: is)?[:\s]*|\()\s*([A-Z])(?:\)|\.|:|\s|$)")
+# matched against the upper-cased prediction, so the cue word is upper case too
+_LETTER = re.compile(r"(?:^|ANSWER(?: IS)?[:\s]*|\()\s*([A-Z])(?:\)|\.|:|\s|$)")
 
 
 def normalise(text: str) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -31,20 +32,44 @@ def load_images(records: Sequence[VQARecord], image_root: str | Path) -> list[Im
     return images
 
 
-def prediction_rows(records: Sequence[VQARecord], answers: Sequence[str]) -> list[dict]:
-    """Per-item predictions: id, question, type, prediction, extracted answer, gold, correct."""
-    rows = []
-    for record, answer in zip(records, answers):
+def prediction_rows(
+    records: Sequence[VQARecord],
+    answers: Sequence[str],
+    scorer: Callable[[VQARecord, str], dict] | None = None,
+    workers: int = 1,
+) -> list[dict]:
+    """Per-item predictions: id, question, type, prediction, extracted answer, gold, correct.
+
+    ``scorer(record, answer)`` replaces the rule-based extraction and scoring: it returns at least
+    ``extracted`` and ``correct``; its other keys are added to the row (a benchmark's rules, the LLM
+    judge: :func:`vift.eval.benchmarks.make_scorer`). ``workers`` > 1 scores in that many threads
+    (for a scorer that waits on a server); rows keep the records' order.
+    """
+
+    def rules(record: VQARecord, answer: str) -> dict:
         extracted = extract_answer(answer, record.answer, record.choices)
+        return {"extracted": extracted, "correct": is_correct(extracted, record.answer, record.choices)}
+
+    score_one = scorer or rules
+    pairs = list(zip(records, answers))
+    if workers > 1 and len(pairs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda pair: score_one(*pair), pairs))
+    else:
+        results = [score_one(record, answer) for record, answer in pairs]
+    rows = []
+    for (record, answer), result in zip(pairs, results):
+        extra = {k: v for k, v in result.items() if k not in ("extracted", "correct")}
         rows.append(
             {
                 "id": record.id,
                 "question": record.question,
                 "type": record.type or "untyped",
                 "prediction": answer,
-                "extracted": extracted,
+                "extracted": result["extracted"],
                 "gold": record.answer,
-                "correct": is_correct(extracted, record.answer, record.choices),
+                "correct": bool(result["correct"]),
+                **extra,
             }
         )
     return rows
@@ -59,11 +84,14 @@ def predict(
     batch_size: int,
     max_new_tokens: int,
     questions: Sequence[str] | None = None,
+    scorer: Callable[[VQARecord, str], dict] | None = None,
 ) -> list[dict]:
-    """Answer ``records`` (``images`` None: text-only; ``questions`` overrides the asked text)."""
+    """Answer ``records`` (``images`` None: text-only; ``questions`` overrides the asked text).
+
+    ``scorer``: see :func:`prediction_rows` (default: the rule-based extraction and scoring)."""
     asked = list(questions) if questions is not None else [r.question for r in records]
     answers = fused_generate(model, processor, images, asked, fusion, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    return prediction_rows(records, answers)
+    return prediction_rows(records, answers, scorer)
 
 
 def score(rows: Sequence[dict]) -> dict:
