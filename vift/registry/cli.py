@@ -1,0 +1,132 @@
+"""``vift predict``: answers from a registered model (``models:/<name>@champion``), fusion applied."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vift.errors import UserError
+
+
+def _default_model(params_file: str) -> str | None:
+    from vift.config import load_params
+
+    path = Path(params_file)
+    if not path.is_file():
+        return None
+    return f"models:/{load_params(path).registry.model_name}@champion"
+
+
+def _resolve_version(client, uri: str) -> dict:
+    """``{"name", "version", "run_id"}`` of a ``models:/name@alias`` or ``models:/name/version`` URI."""
+    rest = uri[len("models:/") :] if uri.startswith("models:/") else None
+    if not rest:
+        return {}
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in rest:
+        name, number = rest.split("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        return {}
+    return {"name": name, "version": str(version.version), "run_id": version.run_id}
+
+
+def load_registered(model_uri: str):
+    """(pyfunc model, version info) for ``model_uri`` on the configured tracking server."""
+    import mlflow
+
+    from vift.registry.tracking import check_reachable, guard, redact, using_tracking_uri
+    from vift.settings import tracking_uri
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    from mlflow.exceptions import MlflowException
+
+    with using_tracking_uri(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with guard(uri, f"resolve {model_uri}"):
+            try:
+                info = _resolve_version(client, model_uri)
+            except MlflowException as error:
+                text = str(error)
+                if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "INVALID_PARAMETER_VALUE" in text:
+                    raise UserError(
+                        f"{model_uri}: no such registered model version on {redact(uri)}; run `vift stage register` "
+                        f"(or `dvc repro`) against this tracking URI, or check the name and alias"
+                    ) from None
+                raise
+        with guard(uri, f"load {model_uri}"):
+            model = mlflow.pyfunc.load_model(model_uri)
+    return model, info
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model_uri = args.model or _default_model(args.params)
+    if not model_uri:
+        raise UserError("--model is required (no parameters file to take registry.model_name from)", exit_code=2)
+    images, questions = args.image, args.question
+    if len(questions) == 1 and len(images) > 1:
+        questions = questions * len(images)
+    if len(images) != len(questions):
+        raise UserError(
+            f"give one --question, or one per --image (got {len(images)} image(s), {len(questions)} question(s))",
+            exit_code=2,
+        )
+    payload = []
+    for image in images:
+        path = Path(image)
+        if not path.is_file():
+            raise UserError(f"--image {image}: no such file")
+        payload.append(path.read_bytes())
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1", exit_code=2)
+
+    import pandas as pd
+
+    model, info = load_registered(model_uri)
+    predict_params: dict = {"fusion": not args.no_fusion}
+    if args.max_new_tokens is not None:
+        predict_params["max_new_tokens"] = args.max_new_tokens
+    try:
+        answers = model.predict(pd.DataFrame({"image": payload, "question": questions}), params=predict_params)
+    except Exception as error:  # noqa: BLE001 - MlflowException for bad input; report it plainly
+        raise UserError(f"prediction failed: {error}") from None
+    answers = [str(a) for a in list(answers)]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": model_uri,
+                    **({"version": info.get("version"), "run_id": info.get("run_id")} if info else {}),
+                    "fusion": not args.no_fusion,
+                    "answers": [
+                        {"image": image, "question": question, "answer": answer}
+                        for image, question, answer in zip(images, questions, answers)
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print("\n".join(answers))
+    return 0
+
+
+def add_commands(sub, add_params_option) -> None:
+    predict = sub.add_parser(
+        "predict",
+        help="answer questions about images with a registered model (fusion applied)",
+        description="Load a registered model from the MLflow tracking URI (see `vift info`) and answer. "
+        "Repeat --image/--question for several; one --question applies to every image.",
+    )
+    predict.add_argument("--model", help="model URI, e.g. models:/NAME@champion (default: registry.model_name@champion)")
+    predict.add_argument("--image", action="append", required=True, metavar="PATH", help="image file; repeatable")
+    predict.add_argument("--question", action="append", required=True, metavar="TEXT", help="question; repeatable")
+    predict.add_argument("--no-fusion", action="store_true", help="answer with the plain model (no fusion)")
+    predict.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate (default: the model's)")
+    predict.add_argument("--json", action="store_true", help="print one JSON object")
+    add_params_option(predict)
+    predict.set_defaults(func=cmd_predict)

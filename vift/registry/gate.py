@@ -1,0 +1,276 @@
+"""Registration and the champion gate.
+
+``register_run`` registers the pipeline run's model as a new version of ``registry.model_name``,
+points the alias ``candidate`` at it, and moves ``champion`` to it only if its accuracy on the
+gate row (``registry.gate_metric``, default ``vift_fused``) beats the current champion's by more
+than ``registry.margin``. Each version carries its accuracies as tags (``accuracy.<row>``), so the
+gate compares against what the champion was registered with, wherever it came from.
+
+Idempotent per run: the version is tagged ``vift.run_id``; re-running registration for a run that
+already has a version registers nothing and only completes a gate that was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vift import paths
+from vift.errors import UserError
+from vift.io import atomic_write_json
+from vift.registry import tracking
+from vift.registry.tracking import FUSION_FILE, METRICS_FILE, REGISTRATION_FILE, StageRun, guard, redact
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+TAG_RUN = "vift.run_id"
+TAG_GATE_METRIC = "vift.gate_metric"
+TAG_GATE = "vift.gate"  # set once the aliases have been decided: promoted | kept
+ACCURACY_TAG = "accuracy.{row}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def decide(candidate: float, champion: float | None, margin: float, champion_version: str | None = None) -> Decision:
+    """The gate: promote iff there is no champion, or ``candidate > champion + margin``."""
+    if champion_version is None:
+        return Decision(True, "no champion yet: the first gated version becomes champion")
+    if champion is None:
+        return Decision(
+            False,
+            f"champion version {champion_version} has no accuracy tag for this gate metric, so it cannot be "
+            f"compared; champion kept (move the alias by hand if intended)",
+        )
+    if candidate > champion + margin:
+        return Decision(True, f"{candidate:.4f} beats champion {champion:.4f} by more than the margin {margin:g}")
+    return Decision(False, f"{candidate:.4f} does not beat champion {champion:.4f} by more than the margin {margin:g}")
+
+
+def read_metrics(workspace: Path, gate_metric: str) -> tuple[dict, dict]:
+    """(all rows, the gate row) of ``reports/metrics.json``; UserError naming what is missing."""
+    path = workspace / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{METRICS_FILE}: not found; run the evaluate stage first (`dvc repro evaluate`)")
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{METRICS_FILE}: not valid JSON ({error}); re-run the evaluate stage") from None
+    rows = content.get("rows") if isinstance(content, Mapping) else None
+    if not isinstance(rows, Mapping) or not rows:
+        raise UserError(f"{METRICS_FILE}: no 'rows' object; re-run the evaluate stage")
+    row = rows.get(gate_metric)
+    if not isinstance(row, Mapping) or not isinstance(row.get("accuracy"), (int, float)):
+        raise UserError(
+            f"registry.gate_metric: row {gate_metric!r} with an 'accuracy' is not in {METRICS_FILE} "
+            f"(rows: {', '.join(sorted(rows))})",
+            exit_code=2,
+        )
+    return dict(rows), dict(row)
+
+
+def _version_tags(rows: Mapping[str, Any], gate_metric: str, handle: StageRun, params) -> dict[str, str]:
+    tags = {
+        TAG_RUN: handle.run_id,
+        TAG_GATE_METRIC: gate_metric,
+        "vift.experiment": handle.experiment,
+    }
+    for row, values in rows.items():
+        if isinstance(values, Mapping) and isinstance(values.get("accuracy"), (int, float)):
+            tags[ACCURACY_TAG.format(row=row)] = repr(float(values["accuracy"]))
+            ci = values.get("ci95")
+            if isinstance(ci, (list, tuple)) and len(ci) == 2:
+                tags[f"ci95.{row}"] = json.dumps([float(v) for v in ci])
+    tags.update(tracking.lineage_tags(params, handle.workspace))  # git commit, dvc.lock hashes
+    return {k: str(v) for k, v in tags.items()}
+
+
+def _versions_of_run(client, name: str, run_id: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as error:
+        if "RESOURCE_DOES_NOT_EXIST" in str(error):
+            return []
+        raise
+    return sorted((v for v in versions if v.tags.get(TAG_RUN) == run_id), key=lambda v: int(v.version))
+
+
+def _alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        text = str(error)
+        if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "INVALID_PARAMETER_VALUE" in text:
+            return None
+        raise
+
+
+def _accuracy(version, gate_metric: str) -> float | None:
+    if version is None:
+        return None
+    value = version.tags.get(ACCURACY_TAG.format(row=gate_metric))
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _example(workspace: Path):
+    """The first test item (image path, question) for the model's input example, if data exists."""
+    manifest = workspace / paths.manifest("test")
+    try:
+        with manifest.open() as handle:
+            record = json.loads(handle.readline())
+        image = workspace / paths.DATA_DIR / record["image"]
+        if image.is_file():
+            return image, str(record["question"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None, "How many shapes are there?"
+
+
+def _gate(client, name: str, version, accuracy: float, gate_metric: str, margin: float) -> dict:
+    """Move ``candidate`` (always) and ``champion`` (if the gate passes) to ``version``."""
+    champion = _alias(client, name, CHAMPION)
+    champion_version = str(champion.version) if champion is not None else None
+    moved = []
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    moved.append(CANDIDATE)
+    if champion_version == str(version.version):
+        decision = Decision(True, "this version is already champion")
+        champion_accuracy = accuracy
+    else:
+        champion_accuracy = _accuracy(champion, gate_metric)
+        decision = decide(accuracy, champion_accuracy, margin, champion_version)
+        if decision.promote:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+            moved.append(CHAMPION)
+    client.set_model_version_tag(name, version.version, TAG_GATE, "promoted" if decision.promote else "kept")
+    return {
+        "metric": gate_metric,
+        "margin": margin,
+        "candidate_accuracy": accuracy,
+        "champion_version_before": champion_version,
+        "champion_accuracy_before": champion_accuracy,
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "aliases_moved": moved,
+    }
+
+
+def register_run(params, handle: StageRun) -> dict:
+    """Register ``handle``'s run (idempotent), apply the gate, write ``reports/registration.json``."""
+    import mlflow
+
+    from vift.model.loading import check_checkpoint
+    from vift.registry.pyfunc import log_pyfunc, read_fusion
+
+    workspace = handle.workspace
+    registry = params.registry
+    name, gate_metric, margin = registry.model_name, registry.gate_metric, registry.margin
+    model_dir = workspace / paths.VIFT_MODEL
+    fusion_file = workspace / FUSION_FILE
+    try:
+        check_checkpoint(model_dir)
+    except UserError as error:
+        raise UserError(f"{paths.VIFT_MODEL}: {error}; run the train_text stage first") from None
+    if not fusion_file.is_file():
+        raise UserError(f"{FUSION_FILE}: not found; run the calibrate stage first (`dvc repro calibrate`)")
+    try:
+        fusion = read_fusion(fusion_file)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{FUSION_FILE}: not a fusion file ({error}); re-run the calibrate stage") from None
+    rows, gate_row = read_metrics(workspace, gate_metric)
+    accuracy = float(gate_row["accuracy"])
+    client = handle.client
+    uri = handle.tracking_uri
+
+    with guard(uri, f"look up versions of registered model {name!r}"):
+        existing = _versions_of_run(client, name, handle.run_id)
+    report: dict[str, Any] = {
+        "model_name": name,
+        "tracking_uri": redact(uri),
+        "experiment": handle.experiment,
+        "run_id": handle.run_id,
+        "fusion": fusion.to_dict(),
+        "accuracies": {
+            row: values.get("accuracy") for row, values in rows.items() if isinstance(values, Mapping)
+        },
+        "gate_ci95": gate_row.get("ci95"),
+    }
+    if existing:
+        version = existing[0]
+        report["action"] = "already_registered"
+        report["why"] = f"run {handle.run_id} is registered as version {version.version} already; no new version"
+        with guard(uri, "complete the champion gate"):
+            if version.tags.get(TAG_GATE):
+                gate = {
+                    "metric": version.tags.get(TAG_GATE_METRIC, gate_metric),
+                    "candidate_accuracy": _accuracy(version, gate_metric),
+                    "promoted": version.tags.get(TAG_GATE) == "promoted",
+                    "reason": "decided when this version was registered",
+                    "aliases_moved": [],
+                }
+            else:  # an earlier registration stopped before the gate: finish it now
+                gate = _gate(client, name, version, accuracy, gate_metric, margin)
+                report["why"] += "; its interrupted champion gate was completed"
+    else:
+        with guard(uri, "log the outputs of earlier stages"):
+            backfilled = handle.backfill(tracking_stages())
+        if backfilled:
+            report["backfilled_stages"] = backfilled
+        image, question = _example(workspace)
+        with guard(uri, "log the pyfunc model"):
+            info = log_pyfunc(
+                model_dir,
+                fusion_file,
+                dtype=params.model.dtype,
+                batch_size=params.eval.batch_size,
+                max_new_tokens=params.eval.max_new_tokens,
+                example_image=image,
+                example_question=question,
+            )
+        tags = _version_tags(rows, gate_metric, handle, params)
+        with guard(uri, f"register a version of {name!r}"):
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
+            ci = gate_row.get("ci95")
+            interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if isinstance(ci, list) and len(ci) == 2 else ""
+            client.update_model_version(
+                name,
+                version.version,
+                description=f"ViFT model of run {handle.run_id}: {gate_metric} accuracy {accuracy:.4f}{interval}.",
+            )
+            gate = _gate(client, name, version, accuracy, gate_metric, margin)
+        report["action"] = "registered"
+        report["why"] = f"run {handle.run_id} had no registered version"
+        report["logged_model_uri"] = info.model_uri
+    with guard(uri, "read the model's aliases"):
+        holders = {alias: _alias(client, name, alias) for alias in (CANDIDATE, CHAMPION)}
+    report.update(
+        version=str(version.version),
+        model_uri=f"models:/{name}/{version.version}",
+        champion_uri=f"models:/{name}@{CHAMPION}",
+        gate=gate,
+        aliases={alias: (str(v.version) if v is not None else None) for alias, v in holders.items()},
+        aliases_moved=gate.get("aliases_moved", []),
+    )
+    handle.mark_registered(name, str(version.version))
+    handle.tag({"vift.registered_model": name, "vift.registered_version": str(version.version)})
+    atomic_write_json(workspace / REGISTRATION_FILE, report)
+    return report
+
+
+def tracking_stages() -> tuple[str, ...]:
+    from vift.stages import STAGES
+
+    return STAGES
