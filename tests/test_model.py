@@ -25,7 +25,8 @@ def test_tokenizer_round_trips_the_corpus(tiny_lvlm, ci_data):
         text = record.conversations[0].value
         assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     assert tokenizer.convert_tokens_to_ids("<image>") == processor.image_token_id
-    assert tokenizer.unk_token_id is None  # byte-level: nothing is unknown
+    # byte-level: nothing is unknown, and reloading keeps the vocabulary size
+    assert tokenizer.unk_token_id not in tokenizer("héllo ∑ \x00")["input_ids"]
     assert tokenizer.decode(tokenizer("héllo ∑")["input_ids"]) == "héllo ∑"
 
 
@@ -36,6 +37,7 @@ def test_save_and_reload_with_auto_classes_gives_identical_outputs(tiny_lvlm, ci
     assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     reprocessor = AutoProcessor.from_pretrained(tmp_path)
+    assert len(reprocessor.tokenizer) == len(processor.tokenizer) == reloaded.config.text_config.vocab_size
     record = records(ci_data, "captions", 1)[0]
     image = load_rgb(ci_data / record.image)
     sample = encode_conversation(reprocessor, record, image, max_length=128)

@@ -11,7 +11,10 @@ PAD_TOKEN = "<|pad|>"
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
 IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = [PAD_TOKEN, TURN_START, TURN_END, IMAGE_TOKEN]
+# Byte-level BPE never needs an unknown token; it is declared so that reloading with AutoTokenizer
+# (which otherwise adds a default one) keeps the vocabulary the model was built for.
+UNK_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = [PAD_TOKEN, TURN_START, TURN_END, IMAGE_TOKEN, UNK_TOKEN]
 
 # ChatML, the format of Qwen2 instruct models. String content is used as is (our manifests carry
 # the <image> token inline); list content follows the HF multimodal message convention.
@@ -44,6 +47,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,
         eos_token=TURN_END,
+        unk_token=UNK_TOKEN,
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         chat_template=CHAT_TEMPLATE,
         padding_side="right",

@@ -12,6 +12,7 @@ from vift.data.manifests import Manifest
 from vift.data.world import text_prompt
 from vift.fusion.method import fused_generate
 from vift.io import atomic_directory, atomic_write_json
+from vift.model.compose import compose_llava
 from vift.model.loading import snapshot_checkpoint
 from vift.model.tiny import build_tiny_lvlm
 from vift.train.pretrain import pretrain_language_model
@@ -56,7 +57,18 @@ def run(params: Params) -> None:
             report["text_accuracy"] = text_accuracy(model, processor, params.eval.batch_size)
             model.save_pretrained(out)
             processor.save_pretrained(out)
+        elif params.model.base == "compose":
+            model, processor = compose_llava(
+                params.model.vision_tower,
+                params.model.language_model,
+                params.model.vision_feature_layer,
+                params.model.dtype,
+                params.model.trust_remote_code,
+            )
+            report["parameters"] = sum(p.numel() for p in model.parameters())
+            model.save_pretrained(out)
+            processor.save_pretrained(out)
         else:
             snapshot_checkpoint(params.model.base, out, params.model.trust_remote_code)
-    report["seconds"] = round(time.time() - started, 1)
     atomic_write_json(paths.BASE_REPORT, report)
+    print(f"base: done in {time.time() - started:.0f} s", flush=True)

@@ -30,7 +30,10 @@ def validate_splits(directory: Path, policy: str) -> dict[str, dict]:
 def import_manifests(source: Path, policy: str) -> dict:
     """Copy ``<split>.jsonl`` manifests and what they reference from ``source`` into the data dir."""
     if not source.is_dir():
-        raise UserError(f"data.import_dir: {source} is not a directory")
+        raise UserError(
+            f"data.import_dir: {source} is not a directory; in a fresh clone, run `vift data import` on the "
+            "original folder again to restore it"
+        )
     found = [s for s in SPLITS if (source / f"{s}.jsonl").is_file()]
     if not found:
         raise UserError(f"data.import_dir: {source} holds none of {', '.join(f'{s}.jsonl' for s in SPLITS)}")

@@ -42,7 +42,6 @@ def run(params: Params) -> None:
     metrics = summarise(rows, params.eval.bootstrap_samples, params.eval.seed)
     metrics["fusion"] = fusion_file["fusion"]
     metrics["calibration"] = fusion_file["calibration"]
-    metrics["seconds"] = round(time.time() - started, 1)
     with atomic_directory(paths.PREDICTIONS_DIR) as out:
         for name, items in rows.items():
             (out / f"{name}.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in items))
@@ -54,3 +53,4 @@ def run(params: Params) -> None:
     )
     atomic_write_text(paths.ABLATION_MD, ablation_markdown(metrics, fusion_file["fusion"], f"Ablation ({params.preset} preset, test split)"))
     atomic_write_json(paths.METRICS_JSON, metrics)
+    print(f"evaluate: {len(rows)} rows in {time.time() - started:.0f} s", flush=True)
