@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models are overhead-bound: one thread per process avoids oversubscribing 2 cores when a test
+# runs servers or pipeline subprocesses beside itself (measured: a ci base stage took 7 s with one
+# thread and 43 s with two on a loaded machine). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -73,6 +73,15 @@ def _names_read_by_code() -> set[str]:
     return names
 
 
+# Temporary-credential and profile variants are alternatives to the access keys, not locations.
+CREDENTIAL_ALTERNATIVES = {"AWS_SESSION_TOKEN", "AWS_PROFILE"}
+
+
+def _service_locations() -> set[str]:
+    """The server and credential variables the code reads, which a deployment must set."""
+    return {name for name in _names_read_by_code() if name.startswith(SERVICE_PREFIXES)} - CREDENTIAL_ALTERNATIVES
+
+
 def _known_tool_variables() -> set[str]:
     """Every environment variable name MLflow, Prefect and botocore document in their own code."""
     import botocore.configprovider
@@ -155,7 +164,7 @@ def test_compose_environment_names_are_ones_the_tools_or_the_code_read(services)
 
 def test_worker_gets_every_service_location_the_code_reads(services):
     # VIFT_* knobs have defaults; the tools' variables locate the servers and must be set.
-    read = {name for name in _names_read_by_code() if name.startswith(SERVICE_PREFIXES)}
+    read = _service_locations()
     assert "MLFLOW_TRACKING_URI" in read  # vift.settings.tracking_uri
     assert read <= set(services["prefect-worker"]["environment"])
 
@@ -212,7 +221,7 @@ def test_env_examples_hold_only_placeholder_secrets(path):
 
 def test_client_env_example_covers_what_the_code_and_tools_read():
     names = set(_env_file(REPO / ".env.example"))
-    read = {name for name in _names_read_by_code() if name.startswith(SERVICE_PREFIXES)}
+    read = _service_locations()
     assert read | {"PREFECT_API_URL", "AWS_ENDPOINT_URL", "AWS_REQUEST_CHECKSUM_CALCULATION"} <= names
     assert names <= _known_tool_variables() | _names_read_by_code()
 
@@ -309,7 +318,7 @@ def test_job_template_reads_s3_credentials_from_the_secret(template):
 
 def test_job_template_pod_gets_every_service_location_the_code_reads(template):
     names = {item["name"] for item in _container(_render(template, {}))["env"]}
-    assert {name for name in _names_read_by_code() if name.startswith(SERVICE_PREFIXES)} <= names
+    assert _service_locations() <= names
 
 
 def test_job_template_schema_rejects_a_negative_gpu_count(template):
@@ -530,7 +539,7 @@ def test_cpu_launch_command_starts_two_gloo_processes(ci_params, tmp_path):
     (tmp_path / "probe_ranks.py").write_text(
         "import torch\nfrom accelerate import Accelerator\na = Accelerator()\n"
         "total = a.reduce(torch.tensor([a.process_index + 1.0]), reduction='sum').item()\n"
-        "print(f'rank {a.process_index}/{a.num_processes} {a.distributed_type.value} {a.state.backend} {total:g}')\n"
+        "open(f'rank{a.process_index}.txt', 'w').write(f'rank {a.process_index}/{a.num_processes} {a.distributed_type.value} {a.state.backend} {total:g}')\n"
     )
     import socket
 
@@ -542,7 +551,7 @@ def test_cpu_launch_command_starts_two_gloo_processes(ci_params, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*.txt")) == [
         "rank 0/2 MULTI_CPU gloo 3",
         "rank 1/2 MULTI_CPU gloo 3",
     ]

@@ -1,0 +1,164 @@
+"""The ``vift-pipeline`` Prefect flow: the DVC stage graph, one task per stage, run through DVC.
+
+Thin by design: every stage is ``dvc repro --single-item <stage>`` in a workspace, so DVC's cache
+and dvc.lock decide what reruns and nothing is implemented twice. Parameters (a preset plus dotted
+overrides) are validated before any work. With ``isolate`` each run gets its own workspace under
+``.vift/runs/<preset>-<hash>/`` sharing the DVC cache, so concurrent runs with different parameters
+never touch each other's outputs, and a rerun with the same parameters resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vift.config import Params, apply_overrides, load_preset, write_params
+from vift.errors import UserError
+
+STAGES = ("data", "base", "train_caption", "train_text", "train_vit", "calibrate", "evaluate", "register")
+NETWORK_STAGES = {"register"}  # talk to the tracking server: retried with backoff
+RUNS_DIR = Path(".vift") / "runs"
+
+
+class PipelineParameters(BaseModel):
+    """What a person sets in the Prefect UI: a preset and dotted-key overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field("tiny", description="params/presets/<preset>.yaml")
+    overrides: dict[str, Any] = Field(default_factory=dict, description='dotted keys, e.g. {"train.text.learning_rate": 1e-4}')
+    isolate: bool = Field(False, description="run in an own workspace under .vift/runs/ (for concurrent runs)")
+    push: bool = Field(False, description="dvc push the outputs at the end")
+    workspace: str = Field(".", description="the repository to run in (or to copy for isolated runs)")
+
+    @model_validator(mode="after")
+    def _params_are_valid(self) -> PipelineParameters:
+        self.effective()
+        return self
+
+    def effective(self) -> Params:
+        try:
+            params = load_preset(self.preset)
+            return apply_overrides(params, self.overrides) if self.overrides else params
+        except UserError as error:
+            raise ValueError(str(error)) from None
+
+    def digest(self) -> str:
+        text = json.dumps(self.effective().model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_name() -> str:
+    """Flow run name: the preset and a short hash of the effective parameters."""
+    raw = flow_run.parameters.get("parameters") or {}
+    parameters = raw if isinstance(raw, PipelineParameters) else PipelineParameters.model_validate(raw)
+    return f"{parameters.preset}-{parameters.digest()}"
+
+
+def _environment(source: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Isolated workspaces share the source repository's embedded tracking database.
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(source / 'mlflow.db').resolve()}")
+    return env
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    logger = get_run_logger()
+    logger.info("$ %s  (in %s)", " ".join(command), cwd)
+    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    output = (completed.stdout + completed.stderr).strip()
+    if output:
+        logger.info(output[-4000:])
+    if completed.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {completed.returncode}):\n{output[-2000:]}")
+    return output
+
+
+@task(name="prepare workspace")
+def prepare_workspace(parameters: PipelineParameters, name: str) -> str:
+    """The repository itself, or an isolated copy of its tracked and unignored files sharing the DVC cache."""
+    source = Path(parameters.workspace).resolve()
+    if not parameters.isolate:
+        write_params(parameters.effective(), source / "params" / "params.yaml")
+        return str(source)
+    target = source / RUNS_DIR / name
+    env = _environment(source)
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=source, capture_output=True, check=True).stdout
+    for relative in filter(None, listed.decode().split("\0")):
+        if relative.startswith(str(RUNS_DIR)) or not (source / relative).is_file():
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / relative, target / relative)
+    if not (target / ".git").exists():
+        _run(["git", "init", "-q"], target, env)
+    cache = source / ".dvc" / "cache"
+    _run(["dvc", "config", "--local", "cache.dir", str(cache)], target, env)
+    write_params(parameters.effective(), target / "params" / "params.yaml")
+    return str(target)
+
+
+@task(name="dvc stage", task_run_name="stage {stage}")
+def run_stage(workspace: str, stage: str) -> str:
+    return _run(["dvc", "repro", "--single-item", stage], Path(workspace), _environment(Path(workspace)))
+
+
+@task(name="dvc stage (network)", task_run_name="stage {stage}", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
+def run_network_stage(workspace: str, stage: str) -> str:
+    return _run(["dvc", "repro", "--single-item", stage], Path(workspace), _environment(Path(workspace)))
+
+
+@task(name="dvc push", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
+def push_outputs(workspace: str) -> str:
+    return _run(["dvc", "push"], Path(workspace), _environment(Path(workspace)))
+
+
+@task(name="publish artifacts")
+def publish_artifacts(workspace: str) -> dict:
+    """The ablation table, the metrics, the MLflow run and the registration decision, in the UI."""
+    root = Path(workspace)
+    published: dict[str, Any] = {"workspace": workspace}
+    ablation = root / "reports" / "ablation.md"
+    if ablation.exists():
+        create_markdown_artifact(key="ablation-table", markdown=ablation.read_text(), description="vift ablation")
+    metrics_file = root / "reports" / "metrics.json"
+    if metrics_file.exists():
+        metrics = json.loads(metrics_file.read_text())
+        published["metrics"] = {name: row["accuracy"] for name, row in metrics["rows"].items()}
+        create_table_artifact(
+            key="metrics",
+            table=[{"row": n, "accuracy": round(r["accuracy"], 4), "ci95_low": round(r["ci95"][0], 4), "ci95_high": round(r["ci95"][1], 4), "n": r["n"]} for n, r in metrics["rows"].items()],
+            description="accuracy per ablation row",
+        )
+    registration = root / "reports" / "registration.json"
+    if registration.exists():
+        decision = json.loads(registration.read_text())
+        published["registration"] = decision
+        create_markdown_artifact(key="registration", markdown="```json\n" + json.dumps(decision, indent=2) + "\n```", description="registry decision")
+        link = decision.get("run_url") or decision.get("model_url")
+        if link:
+            create_link_artifact(key="mlflow-run", link=link, description="MLflow run")
+    return published
+
+
+@flow(name="vift-pipeline", flow_run_name=run_name, log_prints=True)
+def vift_pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict:
+    """Run the vift stage graph (data → base → training → calibration → evaluation → registration)."""
+    workspace = prepare_workspace(parameters, f"{parameters.preset}-{parameters.digest()}")
+    for stage in STAGES:
+        (run_network_stage if stage in NETWORK_STAGES else run_stage)(workspace, stage)
+    if parameters.push:
+        push_outputs(workspace)
+    return publish_artifacts(workspace)

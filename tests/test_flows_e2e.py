@@ -1,0 +1,205 @@
+"""The pipeline flow for real: a `prefect server start` process on 127.0.0.1, the deployments served
+by `vift serve`, flow runs created through the API the way the UI creates them (ci preset)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+DEPLOYMENT = "vift-pipeline/vift-pipeline"
+RUN_TIMEOUT = 900
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def make_project(root: Path, env: dict) -> Path:
+    """A git repository holding the project's files (what a clone has), with no outputs yet."""
+    root.mkdir(parents=True)
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for relative in filter(None, listed.decode().split("\0")):
+        source = REPO / relative
+        if source.is_file():
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).write_bytes(source.read_bytes())
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"]):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def environment(tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="INFO",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+        OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_server(environment, tmp_path_factory):
+    port = free_port()
+    env = dict(environment, PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'prefect.db'}")
+    log = open(tmp_path_factory.mktemp("logs") / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return server.poll() is not None and pytest.fail(f"prefect server exited: {Path(log.name).read_text()[-2000:]}")
+
+    try:
+        wait_until(healthy, 120, "prefect server health")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def served_project(prefect_server, environment, tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("served") / "project", environment)
+    env = dict(environment, PREFECT_API_URL=prefect_server)
+    log = open(project.parent / "serve.log", "w")
+    serve = subprocess.Popen([str(BIN / "vift"), "serve", "--limit", "2"], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from prefect.client.orchestration import get_client
+
+    os.environ["PREFECT_API_URL"] = prefect_server
+    try:
+        with get_client(sync_client=True) as client:
+            wait_until(lambda: _deployment(client), 120, "the served deployment")
+        yield project, env
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+        log.close()
+
+
+def _deployment(client):
+    try:
+        return client.read_deployment_by_name(DEPLOYMENT)
+    except Exception:  # noqa: BLE001 - not registered yet
+        return None
+
+
+def _final_state(client, run_id):
+    run = client.read_flow_run(run_id)
+    return run if run.state and run.state.is_final() else None
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(RUN_TIMEOUT + 300)
+def test_two_concurrent_ui_runs_complete_with_their_own_outputs_artifacts_and_mlflow_runs(served_project):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    project, _ = served_project
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        runs = [
+            client.create_flow_run_from_deployment(
+                deployment.id, parameters={"parameters": {"preset": "ci", "overrides": {"data.seed": seed, "seed": seed}, "isolate": True}}
+            )
+            for seed in (1, 2)
+        ]
+        finished = [wait_until(lambda r=run: _final_state(client, r.id), RUN_TIMEOUT, f"flow run {run.name}", 3) for run in runs]
+        for run in finished:
+            assert run.state.is_completed(), f"{run.name}: {run.state.message}"
+        names = [run.name for run in finished]
+        assert names[0] != names[1] and all(name.startswith("ci-") for name in names)
+        metrics = []
+        for run in finished:
+            workspace = project / ".vift" / "runs" / run.name
+            metrics.append(json.loads((workspace / "reports" / "metrics.json").read_text())["rows"])
+            assert (workspace / "dvc.lock").is_file() and (workspace / "models" / "vift" / "model.safetensors").is_file()
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+            assert {"ablation-table", "metrics", "registration"} <= {a.key for a in artifacts}
+        assert metrics[0]["majority_per_type"] != metrics[1]["majority_per_type"]
+    with sqlite3.connect(project / "mlflow.db") as db:
+        run_count = db.execute("select count(*) from runs").fetchone()[0]
+    assert run_count >= 2
+
+
+@pytest.mark.e2e
+def test_invalid_parameters_from_the_api_are_rejected_with_the_field_named(served_project):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"parameters": {"preset": "ci", "overrides": {"train.text.learning_rate": -1}}}
+        )
+        final = wait_until(lambda: _final_state(client, run.id), 120, "the invalid run to end", 1)
+    assert not final.state.is_completed()
+    assert "train.text.learning_rate" in (final.state.message or "")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(RUN_TIMEOUT + 300)
+def test_a_run_killed_during_train_text_resumes_after_train_caption(environment, tmp_path):
+    project = make_project(tmp_path / "project", environment)
+    command = [str(BIN / "vift"), "flow", "run", "--preset", "ci", "--isolate"]
+    first = subprocess.Popen(command, cwd=project, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    runs = project / ".vift" / "runs"
+
+    def train_text_started():
+        locks = list(runs.glob("*/dvc.lock"))
+        return locks and "train_caption:" in locks[0].read_text()
+
+    try:
+        wait_until(train_text_started, RUN_TIMEOUT, "train_caption to finish")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    lock = next(runs.glob("*/dvc.lock")).read_text()
+    assert "train_text:" not in lock and "evaluate:" not in lock
+    second = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    for stage in ("data", "base", "train_caption"):
+        assert f"Stage '{stage}' didn't change, skipping" in log
+    assert "Running stage 'train_text'" in log
