@@ -79,3 +79,19 @@ def test_answers_compose_perception_with_arithmetic():
     assert answers.get("What is twice the number of red shapes?", "4") == "4"
     assert answers.get("Are there more red shapes than blue shapes?", "yes") == "yes"
     assert len({q.split()[0] for q in answers}) >= 3
+
+
+def test_backbone_teaches_the_language_model_to_describe_boards(ci_data):
+    """Board notation: one token per cell in reading order, described in the caption's words."""
+    from vift.data.world import CELL_TOKENS, NAMED_POSITIONS_2X2
+
+    boards = [r for r in read(ci_data / "backbone_text.jsonl") if r["type"] == "describe_board"]
+    assert boards
+    for record in boards:
+        board, instruction = record["conversations"][0]["value"].split("\n")
+        cells = board.replace("><", ">\n<").split("\n")
+        assert len(cells) == 4 and all(cell in CELL_TOKENS for cell in cells)
+        described = record["conversations"][1]["value"].rstrip(".").split(", ")
+        occupied = [(NAMED_POSITIONS_2X2[i], cell) for i, cell in enumerate(cells) if cell != "<empty>"]
+        assert [f"{cell[1:-1].replace('_', ' ')} at {where}" for where, cell in occupied] == described
+    assert not any(r["type"] == "describe_board" for r in read(ci_data / "text_instructions.jsonl"))

@@ -26,6 +26,7 @@ TRAIN_SPLITS = ("backbone_text", "captions", "text_instructions", "visual_instru
 EVAL_SPLITS = ("calibration", "test")
 SPLITS = TRAIN_SPLITS + EVAL_SPLITS
 ARITHMETIC_SHARE = 0.3  # share of pure arithmetic among text-only instructions
+BOARD_SHARE = 0.25  # share of board -> description records in backbone_text (see Scene.board)
 
 
 def conversation(prompt: str, answer: str) -> list[dict[str, str]]:
@@ -84,6 +85,10 @@ class _Generator:
     def text_records(self, split: str, count: int) -> Iterator[dict]:
         for index, scene in self.scenes(split, count, avoid_held_out=True):
             rng = split_rng(self.params.seed, f"{split}/question", index)
+            if split == "backbone_text" and rng.random() < BOARD_SHARE:
+                prompt = f"{scene.board()}\n{DESCRIBE_PROMPT}"
+                yield {"id": f"{split}-{index:06d}", "type": "describe_board", "conversations": conversation(prompt, scene.describe())}
+                continue
             if rng.random() < ARITHMETIC_SHARE:
                 question = sample_arithmetic(rng, max_value=2 * self.params.max_objects + 4)
                 prompt = question.text

@@ -33,6 +33,11 @@ NAMED_POSITIONS_3X3 = (
     "bottom left", "bottom middle", "bottom right",
 )  # fmt: skip
 
+# Board notation: one token per cell, in reading order (the tiny language model's symbolic "view"
+# of a scene; see Scene.board). Special tokens, so each cell is exactly one token, like an image patch.
+EMPTY_CELL_TOKEN = "<empty>"
+CELL_TOKENS = (EMPTY_CELL_TOKEN, *(f"<{colour}_{shape}>" for colour in COLOURS for shape in SHAPES))
+
 # Question templates, defined once: training data, evaluation and prompts all use these.
 DESCRIBE_PROMPT = "Describe the image."
 SCENE_PREFIX = "Scene: "
@@ -71,6 +76,19 @@ class Scene:
             return "an empty board."
         parts = [f"{o.colour} {o.shape} at {self.position_name(o.cell)}" for o in self.objects]
         return ", ".join(parts) + "."
+
+    def board(self) -> str:
+        """The scene in board notation: one cell token per grid cell, in reading order.
+
+        The tiny default's language model learns (text only, in ``backbone_text``) to turn a board
+        into a description, the way an instruction-tuned LLM already knows how to talk about
+        objects. With one 16 px patch per cell, the caption stage then aligns image patches to a
+        space the frozen language model can read, as stage 1 of the paper does.
+        """
+        cells = [EMPTY_CELL_TOKEN] * (self.grid * self.grid)
+        for o in self.objects:
+            cells[o.cell] = f"<{o.colour}_{o.shape}>"
+        return "".join(cells)
 
     def count(self, colour: str | None = None, shape: str | None = None) -> int:
         return sum(

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vift.data.world import CELL_TOKENS
+
 PAD_TOKEN = "<|pad|>"
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
@@ -14,7 +16,7 @@ IMAGE_TOKEN = "<image>"
 # Byte-level BPE never needs an unknown token; it is declared so that reloading with AutoTokenizer
 # (which otherwise adds a default one) keeps the vocabulary the model was built for.
 UNK_TOKEN = "<|endoftext|>"
-SPECIAL_TOKENS = [PAD_TOKEN, TURN_START, TURN_END, IMAGE_TOKEN, UNK_TOKEN]
+SPECIAL_TOKENS = [PAD_TOKEN, TURN_START, TURN_END, IMAGE_TOKEN, UNK_TOKEN, *CELL_TOKENS]
 
 # ChatML, the format of Qwen2 instruct models. String content is used as is (our manifests carry
 # the <image> token inline); list content follows the HF multimodal message convention.
