@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import yaml
 
@@ -25,6 +26,9 @@ def _parameters(args: argparse.Namespace):
 
 
 def cmd_flow_run(args: argparse.Namespace) -> int:
+    # The ephemeral API server's telemetry heartbeat races the flow for its sqlite database
+    # ("database is locked" tracebacks); nothing here should phone home anyway.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import vift_pipeline
 
     result = vift_pipeline(_parameters(args))

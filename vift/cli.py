@@ -86,39 +86,32 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from vift.config import load_params
     from vift.stages import run_stage
 
-    run_stage(args.name, load_params(args.params))
-    return 0
+    params = load_params(args.params)
+    if args.dry_run:
+        from vift.train.launch import TRAINING_STAGES, format_plan, plan_launch
 
+        if args.name in TRAINING_STAGES:
+            print(format_plan(plan_launch(params, args.name, args.params)))
+        else:
+            print(f"stage {args.name}: runs in this process (only training stages launch under accelerate)")
+        return 0
+    from vift.registry.tracking import stage_run
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import shutil
-    import subprocess
-    import time
-
-    from vift import paths
-    from vift.config import apply_overrides, load_preset, write_params
-
-    params_file = Path(args.params)
-    if args.preset or not params_file.exists():
-        params = load_preset(args.preset or "tiny")
-        write_params(apply_overrides(params, args.set) if args.set else params, params_file)
-    dvc = shutil.which("dvc")
-    if dvc is None:
-        raise UserError("dvc is not on PATH; run `make demo`, which installs it into .venv")
-    started = time.time()
-    completed = subprocess.run([dvc, "repro"], check=False)
-    if completed.returncode:
-        raise UserError(f"`dvc repro` failed (exit {completed.returncode}); see the stage output above")
-    print(f"\nPipeline finished in {time.time() - started:.0f} s.")
-    print(f"  data summary:   {paths.DATA_DIR / 'summary.json'}")
-    print(f"  base model:     {paths.BASE_MODEL} (report: {paths.BASE_REPORT})")
-    print("  stage graph:    dvc dag   |  metrics: dvc metrics show")
+    with stage_run(args.name, params):  # the workspace's MLflow run (docs/REGISTRY.md); never required offline
+        run_stage(args.name, params)
     return 0
 
 
 # Command groups that live beside the code they drive; each module defines
 # ``add_commands(subparsers, add_params_option)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "vift.registry.cli",
+    "vift.eval.cli",
+    "vift.storage.cli",
+    "vift.storage.importer",
+    "flows.cli",
+    "vift.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,12 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=STAGES)
     add_params_option(stage)
+    stage.add_argument(
+        "--dry-run", action="store_true", help="print how the stage would run (launch plan, effective arguments)"
+    )
     stage.set_defaults(func=cmd_stage)
-    demo = sub.add_parser("demo", help="run the pipeline on the embedded default (tiny preset) with dvc repro")
-    demo.add_argument("--preset", help="write this preset to the parameters file first (default: tiny if none)")
-    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key; repeatable")
-    add_params_option(demo)
-    demo.set_defaults(func=cmd_demo)
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(sub, add_params_option)

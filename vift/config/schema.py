@@ -133,7 +133,11 @@ class StageTrainParams(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     text_ratio: float = Field(
-        0.5, ge=0, le=1, description="share of text-only samples in the mix (text stage)"
+        0.5,
+        ge=0,
+        le=1,
+        description="share of instruction samples in the mix with captions: text-only instructions "
+        "(text stage), visual instructions (vit stage); the caption stage trains on captions only",
     )
     gradient_checkpointing: bool = False
     bf16: Literal["auto", "true", "false"] = "auto"
@@ -155,6 +159,28 @@ class TrainParams(Section):
     caption: StageTrainParams = StageTrainParams()
     text: StageTrainParams = StageTrainParams(trainable=["projector", "language_model"], learning_rate=3e-4)
     vit: StageTrainParams = StageTrainParams(trainable=["projector", "language_model"], learning_rate=3e-4)
+    caption_check: int = Field(
+        100, ge=0, description="held-out calibration images captioned after each stage to measure perception"
+    )
+
+    @model_validator(mode="after")
+    def _baseline_at_equal_compute(self) -> TrainParams:
+        # The baseline must train at the text stage's compute: steps, batch, mix and processes.
+        equal_compute = (
+            "max_steps",
+            "num_train_epochs",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "text_ratio",
+            "num_processes",
+        )
+        for name in equal_compute:
+            text, vit = getattr(self.text, name), getattr(self.vit, name)
+            if text != vit:
+                raise ValueError(
+                    f"vit.{name} ({vit}) must equal text.{name} ({text}): the baseline trains at the text stage's compute"
+                )
+        return self
 
 
 class CalibrationParams(Section):
@@ -207,7 +233,16 @@ class RegistryParams(Section):
 
 
 class StorageParams(Section):
-    remote: str = "local"
+    """Where ``vift storage push/pull/check`` send and fetch data (the remotes live in .dvc/config).
+
+    No stage depends on this section, so changing it never reruns the pipeline.
+    """
+
+    remote: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="DVC remote name for vift storage push/pull/check; null: DVC's default remote (core.remote)",
+    )
 
 
 class Params(BaseModel):

@@ -59,10 +59,11 @@ def load_rgb(path: Path) -> Image.Image:
 def encode_conversation(
     processor, record: ConversationRecord, image: Image.Image | None, max_length: int
 ) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``labels`` (1-D), plus ``pixel_values`` for an image sample.
+    """``input_ids`` and ``labels`` (both of shape (tokens,)), plus ``pixel_values`` of shape
+    (channels, height, width) for an image sample.
 
     Labels are -100 everywhere but on assistant replies (content and end-of-turn token).
-    Truncation cuts from the end and refuses to cut into image tokens.
+    Truncation cuts from the end; it refuses to cut into image tokens or to cut off every reply.
     """
     ids: list[int] = []
     labels: list[int] = []
@@ -81,6 +82,9 @@ def encode_conversation(
         if image_token_id is not None and image_token_id in ids[max_length:]:
             raise UserError(f"record {record.id}: max_length {max_length} would cut image tokens; raise max_length")
         ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            # Nothing left to learn from; a batch of such samples would have a 0/0 loss.
+            raise UserError(f"record {record.id}: max_length {max_length} cuts off the whole reply; raise max_length")
     sample = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
     if pixel_values is not None:
         sample["pixel_values"] = pixel_values
@@ -88,7 +92,12 @@ def encode_conversation(
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Records of one manifest, encoded on access; ``modality[i]`` is "image" or "text"."""
+    """Records of one manifest, encoded on access.
+
+    ``modality[i]`` is "image" or "text"; ``lengths[i]`` is the record's text length in characters,
+    a free stand-in for its token count (image tokens are the same for every record of a source),
+    used to batch samples of similar length together.
+    """
 
     def __init__(self, records: list[ConversationRecord], processor, image_root: Path, max_length: int):
         self.records = records
@@ -96,6 +105,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.image_root = Path(image_root)
         self.max_length = max_length
         self.modality = ["image" if r.has_image else "text" for r in records]
+        self.lengths = [sum(len(turn.value) for turn in r.conversations) for r in records]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -108,12 +118,21 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 @dataclass
 class PaddingCollator:
-    """Dynamic right padding to the longest sample in the batch; stacks pixel values if any."""
+    """Right padding to the longest sample in the batch; stacks pixel values if any.
+
+    Returns ``input_ids``, ``labels``, ``attention_mask`` of shape (batch, length) and, when some
+    samples have an image, ``pixel_values`` of shape (images, channels, height, width).
+    ``pad_to`` pads every batch to that fixed length instead (the fixed-shape baseline that
+    ``vift bench train`` compares dynamic padding against).
+    """
 
     pad_token_id: int
+    pad_to: int | None = None
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(s["input_ids"]) for s in samples)
+        if self.pad_to is not None:
+            longest = max(longest, self.pad_to)
         input_ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)

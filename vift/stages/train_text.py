@@ -1,0 +1,10 @@
+"""Stage ``train_text`` (ViFT stage 2): text-only instructions mixed with captions; caption -> vift."""
+
+from __future__ import annotations
+
+from vift.config.schema import Params
+from vift.train.stage import TEXT_STAGE, run_stage
+
+
+def run(params: Params) -> None:
+    run_stage(TEXT_STAGE, params)
