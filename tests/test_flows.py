@@ -38,3 +38,21 @@ def test_the_flow_runs_every_dvc_stage_in_graph_order():
             producer = outs.get(dep)
             assert producer is None or producer in seen, f"{stage} runs before {producer}, which makes {dep}"
         seen.add(stage)
+
+
+def test_prefect_yaml_declares_the_pipeline_for_worker_pools():
+    import json
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    declared = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in declared["deployments"]}
+    assert {"vift-pipeline", "vift-pipeline-gpu"} <= set(deployments)
+    template = json.loads((REPO / "infra" / "kubernetes" / "base-job-template.json").read_text())
+    for deployment in deployments.values():
+        assert deployment["entrypoint"] == "flows/pipeline.py:vift_pipeline"
+        PipelineParameters.model_validate(deployment["parameters"]["parameters"])  # valid presets and overrides
+        for variable in deployment["work_pool"].get("job_variables", {}):
+            assert variable in template["variables"]["properties"]
