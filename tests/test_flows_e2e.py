@@ -3,6 +3,7 @@ by `vift serve`, flow runs created through the API the way the UI creates them (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,21 +103,27 @@ def served_project(prefect_server, environment, tmp_path_factory):
     env = dict(environment, PREFECT_API_URL=prefect_server)
     log = open(project.parent / "serve.log", "w")
     serve = subprocess.Popen([str(BIN / "vift"), "serve", "--limit", "2"], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    from prefect.client.orchestration import get_client
-
-    os.environ["PREFECT_API_URL"] = prefect_server
     try:
-        with get_client(sync_client=True) as client:
+        with api_client(prefect_server) as client:
             wait_until(lambda: _deployment(client), 120, "the served deployment")
-        yield project, env
+        yield project, prefect_server
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
         os.killpg(serve.pid, signal.SIGTERM)
         try:
             serve.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
         log.close()
+
+
+@contextlib.contextmanager
+def api_client(url: str):
+    """A sync Prefect client for the test server (settings are read once, so set them explicitly)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        yield client
 
 
 def _deployment(client):
@@ -134,11 +141,10 @@ def _final_state(client, run_id):
 @pytest.mark.e2e
 @pytest.mark.timeout(RUN_TIMEOUT + 300)
 def test_two_concurrent_ui_runs_complete_with_their_own_outputs_artifacts_and_mlflow_runs(served_project):
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    project, _ = served_project
-    with get_client(sync_client=True) as client:
+    project, url = served_project
+    with api_client(url) as client:
         deployment = client.read_deployment_by_name(DEPLOYMENT)
         runs = [
             client.create_flow_run_from_deployment(
@@ -166,9 +172,8 @@ def test_two_concurrent_ui_runs_complete_with_their_own_outputs_artifacts_and_ml
 
 @pytest.mark.e2e
 def test_invalid_parameters_from_the_api_are_rejected_with_the_field_named(served_project):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
+    _, url = served_project
+    with api_client(url) as client:
         deployment = client.read_deployment_by_name(DEPLOYMENT)
         run = client.create_flow_run_from_deployment(
             deployment.id, parameters={"parameters": {"preset": "ci", "overrides": {"train.text.learning_rate": -1}}}

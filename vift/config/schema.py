@@ -80,7 +80,7 @@ class PretrainParams(Section):
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
-    max_length: int = Field(96, ge=8)
+    max_length: int = Field(160, ge=8, description="dynamic padding: only a cap on the longest record")
 
 
 class ModelParams(Section):
