@@ -67,11 +67,11 @@ def run_name() -> str:
     return f"{parameters.preset}-{parameters.digest()}"
 
 
-def _environment(source: Path) -> dict[str, str]:
+def _environment(workspace: Path) -> dict[str, str]:
+    # Without MLFLOW_TRACKING_URI each workspace tracks into its own embedded sqlite database
+    # (two concurrent runs never share one sqlite file); a team sets the URI of its server.
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    # Isolated workspaces share the source repository's embedded tracking database.
-    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(source / 'mlflow.db').resolve()}")
     return env
 
 
