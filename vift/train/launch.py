@@ -82,13 +82,11 @@ def _stage_params(params: Params, stage: str) -> tuple[str, StageTrainParams]:
 
 
 def _learning_rates(train: StageTrainParams) -> dict[str, float]:
-    # learning_rate is the language model's rate and the default for parts without their own.
-    per_part = {
-        "language_model": train.learning_rate,
-        "projector": train.projector_learning_rate or train.learning_rate,
-        "vision_tower": train.vision_learning_rate or train.learning_rate,
-    }
-    return {part: per_part[part] for part in train.trainable}
+    """The rates of the parts this stage trains (the rule itself lives in vift.train.parts)."""
+    from vift.train.parts import part_learning_rates
+
+    rates = part_learning_rates(train)
+    return {part: rates[part] for part in train.trainable}
 
 
 def _load_accelerate_config(path: Path, field_name: str):
