@@ -540,6 +540,8 @@ def test_cpu_launch_command_starts_two_gloo_processes(ci_params, tmp_path):
         "import torch\nfrom accelerate import Accelerator\na = Accelerator()\n"
         "total = a.reduce(torch.tensor([a.process_index + 1.0]), reduction='sum').item()\n"
         "open(f'rank{a.process_index}.txt', 'w').write(f'rank {a.process_index}/{a.num_processes} {a.distributed_type.value} {a.state.backend} {total:g}')\n"
+        # tear the gloo group down before exit: left to interpreter shutdown it sometimes aborts
+        "a.wait_for_everyone()\ntorch.distributed.destroy_process_group()\n"
     )
     import socket
 
