@@ -7,6 +7,9 @@ import json
 import os
 
 import yaml
+from pydantic import ValidationError
+
+from vift.config.load import format_validation_error
 
 
 def _parameters(args: argparse.Namespace):
@@ -21,8 +24,8 @@ def _parameters(args: argparse.Namespace):
         overrides[key.strip()] = yaml.safe_load(value)
     try:
         return PipelineParameters(preset=args.preset, overrides=overrides, isolate=args.isolate, push=args.push)
-    except ValueError as error:
-        raise UserError(str(error), exit_code=2) from None
+    except ValidationError as error:
+        raise UserError(format_validation_error("pipeline parameters", error), exit_code=2) from None
 
 
 def cmd_flow_run(args: argparse.Namespace) -> int:
@@ -38,6 +41,32 @@ def cmd_flow_run(args: argparse.Namespace) -> int:
     print("  MLflow UI:   mlflow ui --backend-store-uri sqlite:///mlflow.db")
     print(f"  Report:      {result.get('workspace', '.')}/reports/ablation.md")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as in cmd_flow_run
+    from flows.sweep import SweepParameters, vift_data_efficiency
+    from vift.errors import UserError
+
+    pipeline = _parameters(args)
+    try:
+        parameters = SweepParameters(preset=pipeline.preset, overrides=pipeline.overrides, fractions=args.fractions, push=args.push)
+    except ValidationError as error:
+        raise UserError(format_validation_error("sweep parameters", error), exit_code=2) from None
+    result = vift_data_efficiency(parameters)
+    print(json.dumps(result, indent=2, default=str))
+    print("\nWhere to look:")
+    print(f"  Table:       {result['out']}/data_efficiency.md")
+    print(f"  Plot:        {result['out']}/data_efficiency.png")
+    print("  MLflow UI:   mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    return 0
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.25,0.5,1") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,6 +85,17 @@ def add_commands(sub, add_params_option) -> None:
     run.add_argument("--isolate", action="store_true", help="run in an own workspace under .vift/runs/")
     run.add_argument("--push", action="store_true", help="dvc push the outputs at the end")
     run.set_defaults(func=cmd_flow_run)
-    serve = sub.add_parser("serve", help="serve the vift deployments so they can be triggered from the Prefect UI")
+    sweep = sub.add_parser(
+        "sweep",
+        help="data-efficiency sweep: train ViFT and the baseline on fractions of the data, plot accuracy against samples",
+        description="Runs the vift-data-efficiency flow (ephemeral Prefect API unless PREFECT_API_URL is set): one "
+        "isolated pipeline per fraction up to evaluate, then the table, plot and MLflow run under reports/sweeps/.",
+    )
+    sweep.add_argument("--preset", default="tiny", help="preset name (default tiny)")
+    sweep.add_argument("--fractions", type=_fractions, default=[0.25, 0.5, 1.0], help="comma-separated shares (default 0.25,0.5,1)")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key at every point; repeatable")
+    sweep.add_argument("--push", action="store_true", help="dvc push each point's outputs")
+    sweep.set_defaults(func=cmd_sweep, isolate=True)
+    serve = sub.add_parser("serve", help="serve the vift deployments (pipeline, data-efficiency sweep) for the Prefect UI")
     serve.add_argument("--limit", type=int, default=2, help="flow runs executed at the same time")
     serve.set_defaults(func=cmd_serve)

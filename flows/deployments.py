@@ -5,8 +5,10 @@ from __future__ import annotations
 from prefect import serve
 
 from flows.pipeline import PipelineParameters, vift_pipeline
+from flows.sweep import SweepParameters, vift_data_efficiency
 
 PIPELINE_DEPLOYMENT = "vift-pipeline"
+SWEEP_DEPLOYMENT = "vift-data-efficiency"
 
 
 def deployments():
@@ -16,6 +18,13 @@ def deployments():
             parameters={"parameters": PipelineParameters(preset="tiny", isolate=True).model_dump()},
             description="The vift stage graph on a preset plus overrides; each run in its own workspace.",
             tags=["vift"],
+        ),
+        vift_data_efficiency.to_deployment(
+            name=SWEEP_DEPLOYMENT,
+            parameters={"parameters": SweepParameters(preset="tiny").model_dump()},
+            description="ViFT and the visual-instruction baseline on fractions of the training data; "
+            "accuracy against training samples under reports/sweeps/.",
+            tags=["vift", "sweep"],
         ),
     ]
 

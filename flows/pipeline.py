@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from vift.config import Params, apply_overrides, load_preset, write_params
 from vift.errors import UserError
 
-STAGES = ("data", "base", "train_caption", "train_text", "train_vit", "calibrate", "evaluate", "register")
+StageName = Literal["data", "base", "train_caption", "train_text", "train_vit", "calibrate", "evaluate", "register"]
+STAGES: tuple[str, ...] = get_args(StageName)  # dvc.yaml's stages, in order
 NETWORK_STAGES = {"register"}  # talk to the tracking server: retried with backoff
 RUNS_DIR = Path(".vift") / "runs"
 
@@ -42,6 +43,7 @@ class PipelineParameters(BaseModel):
     isolate: bool = Field(False, description="run in an own workspace under .vift/runs/ (for concurrent runs)")
     push: bool = Field(False, description="dvc push the outputs at the end")
     workspace: str = Field(".", description="the repository to run in (or to copy for isolated runs)")
+    stop_after: StageName = Field("register", description="the last stage to run (the sweep stops after evaluate)")
 
     @model_validator(mode="after")
     def _params_are_valid(self) -> PipelineParameters:
@@ -157,7 +159,7 @@ def publish_artifacts(workspace: str) -> dict:
 def vift_pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict:
     """Run the vift stage graph (data → base → training → calibration → evaluation → registration)."""
     workspace = prepare_workspace(parameters, f"{parameters.preset}-{parameters.digest()}")
-    for stage in STAGES:
+    for stage in STAGES[: STAGES.index(parameters.stop_after) + 1]:
         (run_network_stage if stage in NETWORK_STAGES else run_stage)(workspace, stage)
     if parameters.push:
         push_outputs(workspace)

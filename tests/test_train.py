@@ -35,7 +35,9 @@ from vift.train.stage import (
     CHECKPOINTS_DIR,
     TEXT_STAGE,
     VIT_STAGE,
+    fraction_size,
     latest_checkpoint,
+    load_records,
     prepare_checkpoints,
     run_stage,
 )
@@ -299,6 +301,35 @@ def test_baseline_takes_the_text_stage_step_count_when_both_run_by_epochs(make_w
     # 120 text instructions at share 0.5 -> 240 samples an epoch; a quarter of it in batches of 8.
     assert run_stage(VIT_STAGE, params)["steps"] == 8
     assert set(stage_report(workspace, "train_vit")["summary"]["mixture"]) == {"captions", "visual_instructions"}
+
+
+def test_fraction_sizes_round_like_decimals_and_keep_at_least_one_record():
+    assert fraction_size(120, 0.1) == 12  # 0.1 * 120 is 12.000000000000002 in binary
+    assert fraction_size(4000, 0.25) == 1000
+    assert fraction_size(7, 0.5) == 4
+    assert fraction_size(3, 0.01) == 1
+    assert fraction_size(0, 0.5) == 0
+    assert fraction_size(120, 1.0) == 120
+
+
+def test_data_fraction_trains_every_source_on_a_nested_prefix_of_its_manifest(make_workspace, monkeypatch):
+    overrides = {"train.text.max_steps": 4, "train.vit.max_steps": 4, "train.data_fraction": 0.25}
+    workspace, params = make_workspace("fraction", overrides)
+    monkeypatch.chdir(workspace)
+    (workspace / "models" / "caption").symlink_to(workspace / "models" / "base")
+    quarter, half, whole = (load_records("text_instructions", "fail", f) for f in (0.25, 0.5, 1.0))
+    assert (len(quarter), len(half), len(whole)) == (30, 60, 120)
+    assert [r.id for r in quarter] == [r.id for r in half[:30]] == [r.id for r in whole[:30]]
+    summary = run_stage(TEXT_STAGE, params)
+    assert summary["data_fraction"] == 0.25
+    assert {name: source["records"] for name, source in summary["mixture"].items()} == {"captions": 30, "text_instructions": 30}
+    assert stage_report(workspace, "train_text")["summary"]["data_fraction"] == 0.25
+
+
+def test_data_fraction_outside_zero_to_one_is_rejected_naming_the_field(ci_params):
+    for bad in (0, 1.5):
+        with pytest.raises(UserError, match=r"train\.data_fraction"):
+            apply_overrides(ci_params, {"train.data_fraction": bad})
 
 
 class PoisonWeights(TrainerCallback):

@@ -16,12 +16,18 @@ PRESETS_DIR = Path(__file__).resolve().parents[2] / "params" / "presets"
 ACTIVE_PARAMS = Path("params") / "params.yaml"
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+FIX_HINT = "Fix the fields above (see `vift params show` for a valid file)."
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid parameters:"]
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {field}: {item['msg']}")
-    lines.append("Fix the fields above (see `vift params show` for a valid file).")
+        # A validator that re-raises an inner report (overrides checked against the schema) keeps
+        # its own lines; pydantic's "Value error, " prefix and a second hint only add noise.
+        message = item["msg"].removeprefix("Value error, ").replace(f"\n{FIX_HINT}", "")
+        field = ".".join(str(part) for part in item["loc"])
+        lines.append(f"  {field}: {message}" if field else f"  {message}")
+    lines.append(FIX_HINT)
     return "\n".join(lines)
 
 
@@ -33,7 +39,7 @@ def validate_params(raw: Any, source: str) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
-        raise UserError(_format_validation_error(source, error), exit_code=2) from None
+        raise UserError(format_validation_error(source, error), exit_code=2) from None
 
 
 def _read_yaml(path: Path) -> Any:

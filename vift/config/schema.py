@@ -162,6 +162,14 @@ class TrainParams(Section):
     caption_check: int = Field(
         100, ge=0, description="held-out calibration images captioned after each stage to measure perception"
     )
+    data_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of the caption, text-instruction and visual-instruction records the training "
+        "stages draw from: the first ceil(fraction * n) of each manifest, so smaller fractions are subsets "
+        "of larger ones (the data-efficiency sweep varies it; optimizer steps stay as configured)",
+    )
 
     @model_validator(mode="after")
     def _baseline_at_equal_compute(self) -> TrainParams:

@@ -9,6 +9,9 @@ mixed with captions) and their ``params.train.<section>``:
 - ``train_vit``: the baseline, visual instructions mixed with captions at the same ratio, at the
   text stage's optimizer steps and batch size; caption -> vit.
 
+``train.data_fraction`` (all three stages) keeps the first share of each manifest's records: the
+data-efficiency sweep trains on nested subsets at unchanged optimizer steps.
+
 Checkpoints live under ``.vift/checkpoints/<stage>/`` (not in the output directory, which appears
 complete or not at all). A restarted stage resumes from the newest complete checkpoint if the run
 is the same (same stage parameters, step count, world size, input model and data files);
@@ -91,24 +94,37 @@ def resolve_steps(stage_params: StageTrainParams, samples_per_epoch: int, proces
     return max(1, math.ceil(stage_params.num_train_epochs * samples_per_epoch / global_batch))
 
 
-def load_records(split: str, policy: str) -> list:
+def fraction_size(records: int, fraction: float) -> int:
+    """Records kept of ``records`` at ``train.data_fraction``: ceil(fraction * n), at least one.
+
+    Rounded before the ceiling so that 0.1 * 120 keeps 12 records, not 13 (binary fractions).
+    """
+    if records == 0:
+        return 0
+    return max(1, min(records, math.ceil(round(fraction * records, 9))))
+
+
+def load_records(split: str, policy: str, fraction: float = 1.0) -> list:
+    """The split's usable records; the first ``fraction`` of them (nested: 25 % is a subset of 50 %)."""
     path = paths.manifest(split)
     if not path.is_file():
         raise UserError(f"{path}: manifest not found; run `vift stage data` first")
-    return list(Manifest(path, "conversation", paths.DATA_DIR, policy=policy))
+    records = list(Manifest(path, "conversation", paths.DATA_DIR, policy=policy))
+    return records[: fraction_size(len(records), fraction)]
 
 
-def build_mixture(processor, shares: dict[str, float], max_length: int, policy: str) -> Mixture:
+def build_mixture(processor, shares: dict[str, float], max_length: int, policy: str, fraction: float = 1.0) -> Mixture:
     datasets = {
-        split: ConversationDataset(load_records(split, policy), processor, paths.DATA_DIR, max_length)
+        split: ConversationDataset(load_records(split, policy, fraction), processor, paths.DATA_DIR, max_length)
         for split, share in shares.items()
         if share > 0
     }
     return Mixture(datasets, shares)
 
 
-def count_records(split: str, policy: str) -> int:
-    return sum(1 for _ in Manifest(paths.manifest(split), "conversation", paths.DATA_DIR, policy=policy))
+def count_records(split: str, policy: str, fraction: float = 1.0) -> int:
+    usable = sum(1 for _ in Manifest(paths.manifest(split), "conversation", paths.DATA_DIR, policy=policy))
+    return fraction_size(usable, fraction)
 
 
 def stage_steps(spec: StageSpec, params: Params, mixture: Mixture, processes: int) -> int:
@@ -117,7 +133,11 @@ def stage_steps(spec: StageSpec, params: Params, mixture: Mixture, processes: in
         return resolve_steps(getattr(params.train, spec.section), mixture.epoch_samples(), processes)
     reference = getattr(params.train, spec.steps_from.section)
     shares = stage_shares(spec.steps_from, reference)
-    sizes = {split: count_records(split, params.data.bad_records) for split, share in shares.items() if share > 0}
+    sizes = {
+        split: count_records(split, params.data.bad_records, params.train.data_fraction)
+        for split, share in shares.items()
+        if share > 0
+    }
     return resolve_steps(reference, epoch_samples(sizes, shares), processes)
 
 
@@ -273,7 +293,9 @@ def run_stage(spec: StageSpec, params: Params, callbacks: list[TrainerCallback] 
     check_stage(spec, stage_params)
     processor = load_processor(spec.input_model, params.model.trust_remote_code)
     model = load_model(spec.input_model, params.model.dtype, params.model.trust_remote_code)
-    mixture = build_mixture(processor, stage_shares(spec, stage_params), stage_params.max_length, params.data.bad_records)
+    mixture = build_mixture(
+        processor, stage_shares(spec, stage_params), stage_params.max_length, params.data.bad_records, params.train.data_fraction
+    )
     processes = world_size()
     steps = stage_steps(spec, params, mixture, processes)
 
@@ -286,6 +308,7 @@ def run_stage(spec: StageSpec, params: Params, callbacks: list[TrainerCallback] 
         "world_size": processes,
         "input_model": files_signature(spec.input_model),
         "data": {s.name: files_signature(paths.manifest(s.name)) for s in mixture.sources},
+        "data_fraction": params.train.data_fraction,
     }
     with args.main_process_first(local=False, desc=f"{spec.name}: checkpoint directory"):
         resume = prepare_checkpoints(checkpoint_dir, fingerprint, is_main=args.process_index == 0)
@@ -330,6 +353,7 @@ def run_stage(spec: StageSpec, params: Params, callbacks: list[TrainerCallback] 
             params.train.caption_check, params.eval.batch_size,
         )
         summary = stage_summary(spec, stage_params, trainer, sampler, trainable, digests)
+        summary["data_fraction"] = params.train.data_fraction
         run = run_summary(trainer, stage_params, sampler.world_size, resumed, train_seconds)
         run["stage_seconds"] = round(time.perf_counter() - started, 2)
         write_stage_report(spec.name, summary, trainer.state.log_history, {"caption_quality": quality}, run)

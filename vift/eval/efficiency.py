@@ -1,0 +1,184 @@
+"""The data-efficiency sweep's results: accuracy against training samples, ViFT beside the baseline.
+
+Each sweep point is a finished pipeline workspace (data -> ... -> evaluate) trained at one
+``train.data_fraction``. This module reads what those runs wrote — ``reports/metrics.json`` and the
+training stages' ``reports/<stage>.json`` — and writes the sweep's outputs into one directory,
+atomically:
+
+- ``data_efficiency.json``: one entry per fraction (training samples per model, steps, the plotted
+  rows with accuracy, 95 % interval and n, the paired difference vift_fused - vit_baseline);
+- ``data_efficiency.csv``: one line per (fraction, row), for DVC plots or a spreadsheet;
+- ``data_efficiency.md``: the table a person reads;
+- ``data_efficiency.png``: accuracy against unique training samples (log scale), intervals as bars.
+
+"Training samples" are the distinct records a model was trained on: ViFT sees captions (stage 1
+and the stage-2 mix) and text-only instructions; the baseline sees the same captions and visual
+instructions. Optimizer steps do not change with the fraction (equal compute at every point), so a
+smaller fraction means more passes over fewer records.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from vift import paths
+from vift.errors import UserError
+from vift.io import atomic_directory
+
+# Rows drawn against training samples, and which model's samples place them on the x axis.
+PLOTTED_ROWS = {
+    "vift_fused": "vift",
+    "vift_unfused": "vift",
+    "question_only": "vift",  # the text-prior control: the ViFT model without the image
+    "vit_baseline": "vit",
+}
+FLAT_ROWS = ("majority_per_type",)  # need no training data: a horizontal reference line
+STAGE_REPORTS = ("train_caption", "train_text", "train_vit")
+OUTPUT_NAMES = ("data_efficiency.json", "data_efficiency.csv", "data_efficiency.md", "data_efficiency.png")
+
+
+def _read(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found; the sweep point's pipeline did not reach the stage that writes it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); rerun the stage that writes it") from None
+
+
+def _records(summary: dict, split: str, path: Path) -> int:
+    try:
+        return int(summary["mixture"][split]["records"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: summary.mixture.{split}.records missing; rerun the stage with this version of vift") from None
+
+
+def collect_point(workspace: Path, fraction: float) -> dict:
+    """One sweep point from a workspace whose pipeline ran through ``evaluate``."""
+    workspace = Path(workspace)
+    reports = {}
+    for stage in STAGE_REPORTS:
+        path = workspace / paths.REPORTS_DIR / f"{stage}.json"
+        reports[stage] = (_read(path, f"{stage} report")["summary"], path)
+        recorded = reports[stage][0].get("data_fraction", 1.0)
+        if abs(recorded - fraction) > 1e-9:
+            raise UserError(f"{path}: trained at data_fraction {recorded}, expected {fraction}; rerun the sweep point")
+    metrics_path = workspace / paths.METRICS_JSON
+    metrics = _read(metrics_path, "metrics")
+    captions = max(_records(summary, "captions", path) for summary, path in reports.values())
+    text_summary, text_path = reports["train_text"]
+    vit_summary, vit_path = reports["train_vit"]
+    samples = {
+        "vift": captions + _records(text_summary, "text_instructions", text_path),
+        "vit": captions + _records(vit_summary, "visual_instructions", vit_path),
+    }
+    missing = [row for row in (*PLOTTED_ROWS, *FLAT_ROWS) if row not in metrics.get("rows", {})]
+    if missing:
+        raise UserError(f"{metrics_path}: rows {missing} missing; rerun the evaluate stage")
+    rows = {
+        row: {key: metrics["rows"][row][key] for key in ("accuracy", "ci95", "n")}
+        for row in (*PLOTTED_ROWS, *FLAT_ROWS)
+    }
+    return {
+        "fraction": fraction,
+        "workspace": str(workspace),
+        "samples": samples,
+        "captions": captions,
+        "steps": {stage: reports[stage][0]["steps"] for stage in STAGE_REPORTS},
+        "rows": rows,
+        "paired_fused_vs_vit": metrics.get("paired", {}).get("vift_fused_vs_vit_baseline"),
+    }
+
+
+def summarize(points: list[dict], meta: dict) -> dict:
+    points = sorted(points, key=lambda p: p["fraction"])
+    if not points:
+        raise UserError("the sweep has no points: give at least one fraction")
+    return {"meta": meta, "points": points}
+
+
+def table_csv(summary: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["fraction", "row", "samples", "accuracy", "ci95_low", "ci95_high", "n"])
+    for point in summary["points"]:
+        for row, model in PLOTTED_ROWS.items():
+            values = point["rows"][row]
+            writer.writerow(
+                [point["fraction"], row, point["samples"][model], f"{values['accuracy']:.6g}",
+                 f"{values['ci95'][0]:.6g}", f"{values['ci95'][1]:.6g}", values["n"]]
+            )  # fmt: skip
+    return buffer.getvalue()
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def table_markdown(summary: dict) -> str:
+    meta = summary["meta"]
+    lines = [
+        f"# Data efficiency: {meta.get('preset', '?')}",
+        "",
+        "Accuracy (%) on the test split, 95 % interval in brackets. Samples: distinct training records "
+        "(ViFT: captions + text-only instructions; baseline: captions + visual instructions). Optimizer "
+        "steps are the same at every fraction.",
+        "",
+        "| fraction | ViFT samples | vift_fused | vift_unfused | question_only | baseline samples | vit_baseline | fused - vit (paired 95 % CI) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for point in summary["points"]:
+        cells = {row: f"{_pct(v['accuracy'])} [{_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}]" for row, v in point["rows"].items()}
+        paired = point.get("paired_fused_vs_vit")
+        difference = (
+            f"{100 * paired['difference']:+.1f} [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
+            if paired else "n/a"
+        )  # fmt: skip
+        lines.append(
+            f"| {point['fraction']:g} | {point['samples']['vift']} | {cells['vift_fused']} | {cells['vift_unfused']} | "
+            f"{cells['question_only']} | {point['samples']['vit']} | {cells['vit_baseline']} | {difference} |"
+        )
+    majority = summary["points"][-1]["rows"]["majority_per_type"]["accuracy"]
+    lines += ["", f"majority_per_type (no training data): {_pct(majority)} %.", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"vift_fused": "o-", "vift_unfused": "s--", "question_only": "^:", "vit_baseline": "D-"}
+    for row, model in PLOTTED_ROWS.items():
+        xs = [p["samples"][model] for p in summary["points"]]
+        ys = [p["rows"][row]["accuracy"] for p in summary["points"]]
+        low = [y - p["rows"][row]["ci95"][0] for y, p in zip(ys, summary["points"])]
+        high = [p["rows"][row]["ci95"][1] - y for y, p in zip(ys, summary["points"])]
+        axis.errorbar(xs, ys, yerr=[low, high], fmt=styles[row], capsize=3, label=row)
+    for row in FLAT_ROWS:
+        axis.axhline(summary["points"][-1]["rows"][row]["accuracy"], color="grey", linewidth=0.8, linestyle="-.", label=row)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("distinct training samples (captions + instructions)")
+    axis.set_ylabel("test accuracy")
+    axis.set_ylim(0, 1)
+    axis.set_title(f"Data efficiency ({summary['meta'].get('preset', '?')}), equal optimizer steps")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def write_outputs(summary: dict, out_dir: Path) -> Path:
+    """Write the four outputs into ``out_dir``; it appears complete or not at all."""
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "data_efficiency.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (tmp / "data_efficiency.csv").write_text(table_csv(summary))
+        (tmp / "data_efficiency.md").write_text(table_markdown(summary))
+        plot(summary, tmp / "data_efficiency.png")
+    return Path(out_dir)
