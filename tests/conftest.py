@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,26 @@ def tiny_lvlm(ci_params, ci_data):
     model, processor = build_tiny_lvlm(ci_params.model.tiny, ci_params.data.image_size, corpus())
     model.eval()
     return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_lvlm, tmp_path_factory) -> Path:
+    """The tiny LVLM saved as a checkpoint directory (what `vift eval --model` reads)."""
+    model, processor = tiny_lvlm
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    """Dummy AWS credentials and an isolated DVC/AWS setup, in os.environ (so subprocesses inherit it)."""
+    from vift.storage.testing import CLEARED_ENV, isolated_env
+
+    for name in CLEARED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    bin_dir = Path(sys.executable).parent
+    for name, value in isolated_env(tmp_path / "env", bin_dir).items():
+        monkeypatch.setenv(name, value)
+    return os.environ

@@ -192,15 +192,6 @@ def test_vqa_benchmark_keeps_the_ablation_rules():
 # --- vift eval ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_lvlm, tmp_path_factory) -> Path:
-    model, processor = tiny_lvlm
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def _outputs(out: Path) -> tuple[list[dict], dict]:
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     return rows, json.loads((out / "metrics.json").read_text())

@@ -65,7 +65,7 @@ def full_pipeline() -> dict:
     return project_stages()
 
 
-STAGES = own_pipeline()  # the lead switches this to full_pipeline() when every stage exists
+STAGES = full_pipeline()
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,15 +213,6 @@ def pipeline_template(tmp_path_factory) -> Path:
     ok(run(["git", "add", "-A"], root, env))
     ok(run(["git", "commit", "-q", "-m", "pipeline"], root, env))
     return root
-
-
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    for name in CLEARED_ENV:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in isolated_env(tmp_path / "env", BIN).items():
-        monkeypatch.setenv(name, value)
-    return os.environ
 
 
 @pytest.fixture

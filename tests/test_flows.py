@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.pipeline import STAGES, PipelineParameters
+from flows.sweep import FRACTION_KEY, SweepParameters
 
 
 def test_overrides_are_validated_with_the_field_named():
@@ -51,8 +52,35 @@ def test_prefect_yaml_declares_the_pipeline_for_worker_pools():
     deployments = {d["name"]: d for d in declared["deployments"]}
     assert {"vift-pipeline", "vift-pipeline-gpu"} <= set(deployments)
     template = json.loads((REPO / "infra" / "kubernetes" / "base-job-template.json").read_text())
+    assert deployments["vift-data-efficiency"]["entrypoint"] == "flows/sweep.py:vift_data_efficiency"
+    kinds = {"flows/pipeline.py:vift_pipeline": PipelineParameters, "flows/sweep.py:vift_data_efficiency": SweepParameters}
     for deployment in deployments.values():
-        assert deployment["entrypoint"] == "flows/pipeline.py:vift_pipeline"
-        PipelineParameters.model_validate(deployment["parameters"]["parameters"])  # valid presets and overrides
+        kinds[deployment["entrypoint"]].model_validate(deployment["parameters"]["parameters"])  # valid presets and overrides
         for variable in deployment["work_pool"].get("job_variables", {}):
             assert variable in template["variables"]["properties"]
+
+
+def test_sweep_points_are_isolated_pipelines_that_stop_after_evaluate():
+    sweep = SweepParameters(preset="ci", fractions=[1.0, 0.25], overrides={"data.seed": 3})
+    assert sweep.fractions == [0.25, 1.0]
+    point = sweep.point(0.25)
+    assert point.isolate and point.stop_after == "evaluate"
+    assert point.effective().train.data_fraction == 0.25 and point.effective().data.seed == 3
+    # the 100 % point is the workspace a plain isolated run of the same parameters uses
+    assert sweep.point(1.0).digest() == PipelineParameters(preset="ci", overrides={"data.seed": 3}).digest()
+    assert sweep.name() != SweepParameters(preset="ci", fractions=[0.5, 1.0], overrides={"data.seed": 3}).name()
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"fractions": []}, "at least one fraction"),
+        ({"fractions": [0.0, 1.0]}, r"fractions must lie in \(0, 1\]"),
+        ({"fractions": [0.5, 0.5]}, "fractions repeat"),
+        ({"overrides": {FRACTION_KEY: 0.5}}, "the sweep sets it per point"),
+        ({"overrides": {"train.text.learning_rate": -1}}, "train.text.learning_rate"),
+    ],
+)
+def test_invalid_sweeps_are_rejected_before_any_work(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SweepParameters(preset="ci", **fields)

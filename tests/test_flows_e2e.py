@@ -21,6 +21,7 @@ from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "vift-pipeline/vift-pipeline"
+SWEEP_DEPLOYMENT = "vift-data-efficiency/vift-data-efficiency"
 RUN_TIMEOUT = 900
 
 
@@ -105,7 +106,7 @@ def served_project(prefect_server, environment, tmp_path_factory):
     serve = subprocess.Popen([str(BIN / "vift"), "serve", "--limit", "2"], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with api_client(prefect_server) as client:
-            wait_until(lambda: _deployment(client), 120, "the served deployment")
+            wait_until(lambda: _deployment(client) and _deployment(client, SWEEP_DEPLOYMENT), 120, "the served deployments")
         yield project, prefect_server
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
@@ -126,9 +127,9 @@ def api_client(url: str):
         yield client
 
 
-def _deployment(client):
+def _deployment(client, name=DEPLOYMENT):
     try:
-        return client.read_deployment_by_name(DEPLOYMENT)
+        return client.read_deployment_by_name(name)
     except Exception:  # noqa: BLE001 - not registered yet
         return None
 
@@ -171,16 +172,60 @@ def test_two_concurrent_ui_runs_complete_with_their_own_outputs_artifacts_and_ml
 
 
 @pytest.mark.e2e
-def test_invalid_parameters_from_the_api_are_rejected_with_the_field_named(served_project):
+@pytest.mark.parametrize(
+    "deployment, parameters, field",
+    [
+        (DEPLOYMENT, {"preset": "ci", "overrides": {"train.text.learning_rate": -1}}, "train.text.learning_rate"),
+        (SWEEP_DEPLOYMENT, {"preset": "ci", "fractions": [0.0, 1.0]}, "fractions"),
+    ],
+    ids=["pipeline", "sweep"],
+)
+def test_invalid_parameters_from_the_api_are_rejected_with_the_field_named(served_project, deployment, parameters, field):
     _, url = served_project
     with api_client(url) as client:
-        deployment = client.read_deployment_by_name(DEPLOYMENT)
-        run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"parameters": {"preset": "ci", "overrides": {"train.text.learning_rate": -1}}}
-        )
+        run = client.create_flow_run_from_deployment(client.read_deployment_by_name(deployment).id, parameters={"parameters": parameters})
         final = wait_until(lambda: _final_state(client, run.id), 120, "the invalid run to end", 1)
     assert not final.state.is_completed()
-    assert "train.text.learning_rate" in (final.state.message or "")
+    assert field in (final.state.message or "")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(RUN_TIMEOUT + 300)
+def test_the_served_sweep_trains_each_fraction_in_its_own_workspace_and_plots_accuracy_against_samples(served_project):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    project, url = served_project
+    with api_client(url) as client:
+        deployment = client.read_deployment_by_name(SWEEP_DEPLOYMENT)
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"parameters": {"preset": "ci", "fractions": [1.0, 0.5]}})
+        final = wait_until(lambda: _final_state(client, run.id), RUN_TIMEOUT, "the sweep run", 3)
+        assert final.state.is_completed(), final.state.message
+        assert final.name.startswith("data-efficiency-ci-")
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        assert {"data-efficiency", "data-efficiency-points"} <= {a.key for a in artifacts}
+    out = project / "reports" / "sweeps" / final.name
+    summary = json.loads((out / "data_efficiency.json").read_text())
+    points = summary["points"]
+    assert [p["fraction"] for p in points] == [0.5, 1.0]
+    # ci: 120 captions, 120 text and 120 visual instructions; half of each at 0.5.
+    assert [p["samples"] for p in points] == [{"vift": 120, "vit": 120}, {"vift": 240, "vit": 240}]
+    workspaces = [Path(p["workspace"]) for p in points]
+    assert len(set(workspaces)) == 2 and all(w.parent == project / ".vift" / "runs" for w in workspaces)
+    weights = [(w / "models" / "vift" / "model.safetensors").read_bytes() for w in workspaces]
+    assert weights[0] != weights[1]
+    for point, workspace in zip(points, workspaces):
+        rows = json.loads((workspace / "reports" / "metrics.json").read_text())["rows"]
+        assert point["rows"]["vit_baseline"]["accuracy"] == rows["vit_baseline"]["accuracy"]
+        assert not (workspace / "reports" / "registration.json").exists()  # sweep points are not registered
+    lines = (out / "data_efficiency.csv").read_text().splitlines()
+    assert lines[0].startswith("fraction,row,samples,accuracy") and len(lines) == 1 + 2 * 4
+    assert (out / "data_efficiency.png").stat().st_size > 1000
+    with sqlite3.connect(project / "mlflow.db") as db:
+        steps = db.execute(
+            "select m.step from metrics m join runs r on m.run_uuid = r.run_uuid where r.name = ? and m.key = 'vift_fused.accuracy' order by m.step",
+            (final.name,),
+        ).fetchall()
+    assert [step for (step,) in steps] == [120, 240]
 
 
 @pytest.mark.e2e

@@ -184,15 +184,6 @@ def test_config_comes_from_the_environment():
 # --- through `vift eval` ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_lvlm, tmp_path_factory) -> Path:
-    model, processor = tiny_lvlm
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def run_eval(argv: list[str], params_file: Path) -> int:
     from vift.eval.cli import add_commands
 

@@ -30,16 +30,6 @@ TIMEOUT = 120  # seconds, for any one command
 
 
 @pytest.fixture
-def env(monkeypatch, tmp_path):
-    """Dummy AWS credentials and an isolated DVC/AWS setup, in os.environ (so subprocesses inherit it)."""
-    for name in CLEARED_ENV:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in isolated_env(tmp_path / "env", BIN).items():
-        monkeypatch.setenv(name, value)
-    return os.environ
-
-
-@pytest.fixture
 def endpoint(env):
     with MotoEndpoint() as server:
         yield server
