@@ -40,6 +40,7 @@ def cmd_flow_run(args: argparse.Namespace) -> int:
     print("  Prefect UI:  prefect server start   (then http://127.0.0.1:4200)")
     print("  MLflow UI:   mlflow ui --backend-store-uri sqlite:///mlflow.db")
     print(f"  Report:      {result.get('workspace', '.')}/reports/ablation.md")
+    print("  Next:        vift sweep --preset tiny   (accuracy against training samples, ViFT vs the baseline)")
     return 0
 
 

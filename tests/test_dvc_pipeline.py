@@ -2,10 +2,11 @@
 S3-compatible HTTP endpoint (moto), delete everything local, pull, and nothing reruns; reruns are
 no-ops; a parameter change reruns only the stages that depend on it; presets switch cleanly.
 
-THE stage graph under test is one variable, ``STAGES``. Until every stage of dvc.yaml runs, it is
-dvc.yaml's own ``data`` stage (ci preset) plus a small ``metrics`` stage writing
-reports/metrics.json; switch it to ``full_pipeline()`` once the whole graph is runnable: every
-expectation below (which stages run, which outputs to delete) is derived from it.
+THE stage graph under test is one variable, ``STAGES``: dvc.yaml's whole graph on the ci preset
+(``own_pipeline()``, dvc.yaml's ``data`` stage plus a small metrics stage, is the quick variant
+for working on DVC plumbing). Every expectation below (which stages run, which outputs to delete)
+is derived from it. Stage tracking goes to the repository's embedded MLflow database, as on a
+laptop: ``register`` needs it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from vift.storage.testing import CLEARED_ENV, MotoEndpoint, cache_object_count, 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = "params/params.yaml"
-TIMEOUT = 180
+TIMEOUT = 420  # seconds, for any one command (a full ci repro on 2 loaded cores)
 
 METRICS_SCRIPT = '''\
 """Summarise the data stage into reports/metrics.json (a stand-in for `vift stage evaluate`)."""
@@ -198,7 +199,7 @@ def pipeline_template(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline") / "repo"
     root.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in CLEARED_ENV}
-    env.update(isolated_env(root.parent / "env", BIN))
+    env.update(isolated_env(root.parent / "env", BIN), VIFT_TRACKING="auto")
     ok(run(["git", "init", "-q"], root, env))
     ok(dvc(root, "init", "-q", env=env))
     (root / ".dvc" / "config").write_text((REPO / ".dvc" / "config").read_text())
@@ -216,8 +217,9 @@ def pipeline_template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def workspace(pipeline_template, tmp_path, env) -> Path:
+def workspace(pipeline_template, tmp_path, env, monkeypatch) -> Path:
     """A private copy of the reproduced repository (git history, cache, outputs and all)."""
+    monkeypatch.setenv("VIFT_TRACKING", "auto")  # into the copy's own mlflow.db (register needs it)
     root = tmp_path / "repo"
     shutil.copytree(pipeline_template, root, symlinks=True)
     return root
@@ -228,7 +230,7 @@ def workspace(pipeline_template, tmp_path, env) -> Path:
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_push_delete_everything_pull_and_nothing_reruns(workspace):
     repo = workspace
     bucket = "vift-pipeline"
@@ -267,7 +269,7 @@ def test_push_delete_everything_pull_and_nothing_reruns(workspace):
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_a_fresh_clone_pulls_and_reruns_nothing(workspace, tmp_path):
     """What a teammate does: git clone, dvc pull, dvc repro. Everything must come from git + the remote."""
     repo = workspace
@@ -293,7 +295,7 @@ def test_a_fresh_clone_pulls_and_reruns_nothing(workspace, tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_reruns_are_noops_and_a_param_change_reruns_only_its_dependents(workspace, tmp_path, monkeypatch):
     from vift.cli import main
     from vift.config import load_params
@@ -309,8 +311,11 @@ def test_reruns_are_noops_and_a_param_change_reruns_only_its_dependents(workspac
     assert main(["params", "use", "ci", "--set", "eval.batch_size=8"]) == 0
     assert changed_stages(repo) == stages_reading(STAGES, "eval.batch_size")
     out = ok(dvc(repo, "repro"))
-    assert set(re.findall(r"Running stage '([^']+)'", out)) == expected
-    for name in set(STAGES) - expected:
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    # Downstream stages rerun only if an upstream output really changed: training is deterministic,
+    # so a stage that merely reads eval.batch_size rewrites identical weights and DVC stops there.
+    assert stages_reading(STAGES, "eval.batch_size") <= ran <= expected
+    for name in set(STAGES) - ran:
         assert f"Stage '{name}' didn't change, skipping" in out
 
     # A data parameter: the data stage runs (DVC reruns what is downstream once its outputs change).
@@ -321,7 +326,8 @@ def test_reruns_are_noops_and_a_param_change_reruns_only_its_dependents(workspac
     # DVC experiments override keys of our file with the file prefix (docs/STORAGE.md).
     out = ok(dvc(repo, "exp", "run", "-S", f"{PARAMS}:train.text.learning_rate=1e-4", "-S", f"{PARAMS}:eval.batch_size=4"))
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == stages_affected_by(STAGES, "eval.batch_size") | stages_affected_by(STAGES, "train.text.learning_rate")
+    reading = stages_reading(STAGES, "eval.batch_size") | stages_reading(STAGES, "train.text.learning_rate")
+    assert reading <= ran <= stages_affected_by(STAGES, "eval.batch_size") | stages_affected_by(STAGES, "train.text.learning_rate")
     params = load_params(PARAMS)  # DVC rewrote the file; it is still valid
     assert params.train.text.learning_rate == 1e-4 and params.eval.batch_size == 4
     assert changed_stages(repo) == set()
@@ -335,20 +341,29 @@ def test_reruns_are_noops_and_a_param_change_reruns_only_its_dependents(workspac
     assert changed_stages(repo) == stages_reading(STAGES, "data.import_dir") == {"data"}
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(300)
-def test_a_forced_rerun_reproduces_identical_outputs(workspace):
-    """Every output, cached or not, hashes the same after `dvc repro --force` (dvc.lock records both).
+def locked_outputs(repo: Path) -> dict[str, dict[str, str]]:
+    """Per stage, each output's hash as dvc.lock records it."""
+    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {name: {out["path"]: out["md5"] for out in stage.get("outs", [])} for name, stage in stages.items()}
 
-    Note for the full pipeline: outputs that embed wall-clock times (a "seconds" field in
-    models/fusion.json, reports/metrics.json, reports/base.json) break this by design.
-    """
+
+# A forced rerun is a new pipeline run: register records the new MLflow run and model version.
+NEW_RUN_EACH_TIME = {"register"}
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_forced_rerun_reproduces_identical_outputs(workspace):
+    """Every output, cached or not, hashes the same after `dvc repro --force` (dvc.lock records both),
+    except the registry decision, which names the run that made it."""
     repo = workspace
-    lock = (repo / "dvc.lock").read_bytes()
+    before = locked_outputs(repo)
     metrics = (repo / "reports" / "metrics.json").read_bytes()
     out = ok(dvc(repo, "repro", "--force"))
     assert set(re.findall(r"Running stage '([^']+)'", out)) == set(STAGES)
-    assert (repo / "dvc.lock").read_bytes() == lock  # every output hashes the same
+    after = locked_outputs(repo)
+    same = set(STAGES) - NEW_RUN_EACH_TIME
+    assert same and {s: after[s] for s in same} == {s: before[s] for s in same}  # every output hashes the same
     assert (repo / "reports" / "metrics.json").read_bytes() == metrics
 
 
