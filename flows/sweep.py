@@ -113,7 +113,7 @@ def track(summary: dict, out_dir: str, name: str, experiment: str, root: str) ->
         tracking.check_reachable(uri)
         client = MlflowClient(tracking_uri=uri)
         with tracking.guard(uri, "log the data-efficiency sweep"):
-            run = client.create_run(tracking._experiment_id(client, experiment), run_name=name, tags={"vift.kind": "data-efficiency-sweep"})
+            run = client.create_run(tracking.experiment_id_for(client, experiment), run_name=name, tags={"vift.kind": "data-efficiency-sweep"})
             run_id = run.info.run_id
             meta = summary["meta"]
             client.log_param(run_id, "preset", meta["preset"])

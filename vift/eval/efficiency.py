@@ -164,6 +164,9 @@ def plot(summary: dict, path: Path) -> None:
     for row in FLAT_ROWS:
         axis.axhline(summary["points"][-1]["rows"][row]["accuracy"], color="grey", linewidth=0.8, linestyle="-.", label=row)
     axis.set_xscale("log", base=2)
+    ticks = sorted({p["samples"][model] for p in summary["points"] for model in set(PLOTTED_ROWS.values())})
+    axis.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    axis.minorticks_off()
     axis.set_xlabel("distinct training samples (captions + instructions)")
     axis.set_ylabel("test accuracy")
     axis.set_ylim(0, 1)

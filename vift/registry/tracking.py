@@ -729,7 +729,7 @@ def _get_run(client, run_id: str):
         raise
 
 
-def _experiment_id(client, name: str) -> str:
+def experiment_id_for(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -766,7 +766,7 @@ def open_run(stage: str, params, workspace: Path, uri: str) -> StageRun:
         if reason is None:
             run_id, experiment_id, new = state["run_id"], state["experiment_id"], False
         else:
-            experiment_id = _experiment_id(client, experiment)
+            experiment_id = experiment_id_for(client, experiment)
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run = client.create_run(experiment_id, run_name=f"{params.preset}-{stamp}", tags={"vift.workspace": str(workspace)})
             run_id, new = run.info.run_id, True
