@@ -28,9 +28,13 @@ def write_point(workspace: Path, fraction: float, captions: int, instructions: i
     }
     for stage, mixture in mixes.items():
         summary = {"steps": 6, "data_fraction": fraction, "mixture": {split: {"records": n} for split, n in mixture.items()}}
-        (reports / f"{stage}.json").write_text(json.dumps({"summary": summary, "history": []}))
+        quality = {"phrase_f1": 0.125 if stage == "train_caption" else 0.25}
+        (reports / f"{stage}.json").write_text(json.dumps({"summary": summary, "caption_quality": quality, "history": []}))
     rows = {row: {"accuracy": accuracy[row], "ci95": [accuracy[row] - 0.05, accuracy[row] + 0.05], "n": 100, "by_type": {}} for row in ROWS}
-    paired = {"vift_fused_vs_vit_baseline": {"difference": accuracy["vift_fused"] - accuracy["vit_baseline"], "ci95": [-0.1, 0.1]}}
+    paired = {
+        f"vift_fused_vs_{other}": {"difference": accuracy["vift_fused"] - accuracy[other], "ci95": [-0.1, 0.1]}
+        for other in ("vit_baseline", "question_only")
+    }
     (reports / "metrics.json").write_text(json.dumps({"rows": rows, "paired": paired}))
     return workspace
 
@@ -60,7 +64,7 @@ def test_outputs_hold_one_line_per_fraction_and_row_sorted_by_fraction(tmp_path)
     vit = [line for line in lines if line["row"] == "vit_baseline"]
     assert [(int(line["samples"]), float(line["accuracy"])) for line in vit] == [(120, 0.48), (240, 0.55)]
     table = (out / "data_efficiency.md").read_text()
-    assert "| 0.5 | 120 | 40.0 [35.0, 45.0]" in table and "-8.0 [-10.0, +10.0]" in table
+    assert "| 0.5 | 120 | 40.0 [35.0, 45.0]" in table and "| -8.0 [-10.0, +10.0] | +0.0 [-10.0, +10.0] | 0.12 / 0.25 / 0.25 |" in table
     assert (out / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

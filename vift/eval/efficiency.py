@@ -6,7 +6,8 @@ training stages' ``reports/<stage>.json`` — and writes the sweep's outputs int
 atomically:
 
 - ``data_efficiency.json``: one entry per fraction (training samples per model, steps, the plotted
-  rows with accuracy, 95 % interval and n, the paired difference vift_fused - vit_baseline);
+  rows with accuracy, 95 % interval and n, the paired differences of vift_fused against
+  vit_baseline and question_only, the held-out caption phrase F1 after each training stage);
 - ``data_efficiency.csv``: one line per (fraction, row), for DVC plots or a spreadsheet;
 - ``data_efficiency.md``: the table a person reads;
 - ``data_efficiency.png``: accuracy against unique training samples (log scale), intervals as bars.
@@ -37,6 +38,8 @@ PLOTTED_ROWS = {
     "vit_baseline": "vit",
 }
 FLAT_ROWS = ("majority_per_type",)  # need no training data: a horizontal reference line
+# Paired differences (same test items) of vift_fused against: the baseline, and the text-prior control.
+PAIRED_WITH = ("vit_baseline", "question_only")
 STAGE_REPORTS = ("train_caption", "train_text", "train_vit")
 OUTPUT_NAMES = ("data_efficiency.json", "data_efficiency.csv", "data_efficiency.md", "data_efficiency.png")
 
@@ -60,10 +63,12 @@ def _records(summary: dict, split: str, path: Path) -> int:
 def collect_point(workspace: Path, fraction: float) -> dict:
     """One sweep point from a workspace whose pipeline ran through ``evaluate``."""
     workspace = Path(workspace)
-    reports = {}
+    reports, perception = {}, {}
     for stage in STAGE_REPORTS:
         path = workspace / paths.REPORTS_DIR / f"{stage}.json"
-        reports[stage] = (_read(path, f"{stage} report")["summary"], path)
+        report = _read(path, f"{stage} report")
+        reports[stage] = (report["summary"], path)
+        perception[stage] = (report.get("caption_quality") or {}).get("phrase_f1")
         recorded = reports[stage][0].get("data_fraction", 1.0)
         if abs(recorded - fraction) > 1e-9:
             raise UserError(f"{path}: trained at data_fraction {recorded}, expected {fraction}; rerun the sweep point")
@@ -89,8 +94,10 @@ def collect_point(workspace: Path, fraction: float) -> dict:
         "samples": samples,
         "captions": captions,
         "steps": {stage: reports[stage][0]["steps"] for stage in STAGE_REPORTS},
+        # held-out caption phrase F1 after each stage: how much perception the point's training bought
+        "caption_phrase_f1": perception,
         "rows": rows,
-        "paired_fused_vs_vit": metrics.get("paired", {}).get("vift_fused_vs_vit_baseline"),
+        "paired": {other: metrics.get("paired", {}).get(f"vift_fused_vs_{other}") for other in PAIRED_WITH},
     }
 
 
@@ -128,19 +135,24 @@ def table_markdown(summary: dict) -> str:
         "(ViFT: captions + text-only instructions; baseline: captions + visual instructions). Optimizer "
         "steps are the same at every fraction.",
         "",
-        "| fraction | ViFT samples | vift_fused | vift_unfused | question_only | baseline samples | vit_baseline | fused - vit (paired 95 % CI) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fraction | ViFT samples | vift_fused | vift_unfused | question_only | baseline samples | vit_baseline "
+        "| fused - vit (paired 95 % CI) | fused - question_only (paired 95 % CI) | caption F1 (caption / text / vit) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point in summary["points"]:
         cells = {row: f"{_pct(v['accuracy'])} [{_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}]" for row, v in point["rows"].items()}
-        paired = point.get("paired_fused_vs_vit")
-        difference = (
-            f"{100 * paired['difference']:+.1f} [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
-            if paired else "n/a"
-        )  # fmt: skip
+        differences = []
+        for other in PAIRED_WITH:
+            paired = point.get("paired", {}).get(other)
+            differences.append(
+                f"{100 * paired['difference']:+.1f} [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
+                if paired else "n/a"
+            )  # fmt: skip
         lines.append(
             f"| {point['fraction']:g} | {point['samples']['vift']} | {cells['vift_fused']} | {cells['vift_unfused']} | "
-            f"{cells['question_only']} | {point['samples']['vit']} | {cells['vit_baseline']} | {difference} |"
+            f"{cells['question_only']} | {point['samples']['vit']} | {cells['vit_baseline']} | {' | '.join(differences)} | "
+            + " / ".join("n/a" if f is None else f"{f:.2f}" for f in point.get("caption_phrase_f1", {}).values())
+            + " |"
         )
     majority = summary["points"][-1]["rows"]["majority_per_type"]["accuracy"]
     lines += ["", f"majority_per_type (no training data): {_pct(majority)} %.", ""]
