@@ -6,26 +6,26 @@ import argparse
 import json
 import os
 
-import yaml
 from pydantic import ValidationError
 
-from vift.config.load import format_validation_error
+from vift.config.load import format_validation_error, parse_overrides
+
+
+def _validated(model, source: str, **fields):
+    """``model(**fields)``, or a UserError naming each invalid field (exit 2)."""
+    from vift.errors import UserError
+
+    try:
+        return model(**fields)
+    except ValidationError as error:
+        raise UserError(format_validation_error(source, error), exit_code=2) from None
 
 
 def _parameters(args: argparse.Namespace):
     from flows.pipeline import PipelineParameters
-    from vift.errors import UserError
 
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE", exit_code=2)
-        overrides[key.strip()] = yaml.safe_load(value)
-    try:
-        return PipelineParameters(preset=args.preset, overrides=overrides, isolate=args.isolate, push=args.push)
-    except ValidationError as error:
-        raise UserError(format_validation_error("pipeline parameters", error), exit_code=2) from None
+    overrides = parse_overrides(args.set or [])
+    return _validated(PipelineParameters, "pipeline parameters", preset=args.preset, overrides=overrides, isolate=args.isolate, push=args.push)
 
 
 def cmd_flow_run(args: argparse.Namespace) -> int:
@@ -47,13 +47,10 @@ def cmd_flow_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as in cmd_flow_run
     from flows.sweep import SweepParameters, vift_data_efficiency
-    from vift.errors import UserError
 
-    pipeline = _parameters(args)
-    try:
-        parameters = SweepParameters(preset=pipeline.preset, overrides=pipeline.overrides, fractions=args.fractions, push=args.push)
-    except ValidationError as error:
-        raise UserError(format_validation_error("sweep parameters", error), exit_code=2) from None
+    parameters = _validated(
+        SweepParameters, "sweep parameters", preset=args.preset, overrides=parse_overrides(args.set or []), fractions=args.fractions, push=args.push
+    )
     result = vift_data_efficiency(parameters)
     print(json.dumps(result, indent=2, default=str))
     print("\nWhere to look:")
@@ -96,7 +93,7 @@ def add_commands(sub, add_params_option) -> None:
     sweep.add_argument("--fractions", type=_fractions, default=[0.25, 0.5, 1.0], help="comma-separated shares (default 0.25,0.5,1)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key at every point; repeatable")
     sweep.add_argument("--push", action="store_true", help="dvc push each point's outputs")
-    sweep.set_defaults(func=cmd_sweep, isolate=True)
+    sweep.set_defaults(func=cmd_sweep)
     serve = sub.add_parser("serve", help="serve the vift deployments (pipeline, data-efficiency sweep) for the Prefect UI")
     serve.add_argument("--limit", type=int, default=2, help="flow runs executed at the same time")
     serve.set_defaults(func=cmd_serve)

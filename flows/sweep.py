@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +103,12 @@ def track(summary: dict, out_dir: str, name: str, experiment: str, root: str) ->
     from mlflow import MlflowClient
 
     from vift.registry import tracking
+    from vift.settings import tracking_uri
 
     mode = tracking.tracking_mode()
     if mode == "off":
         return None
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / paths.MLFLOW_DB}"
+    uri = tracking_uri(root)
     try:
         tracking.check_reachable(uri)
         client = MlflowClient(tracking_uri=uri)

@@ -8,9 +8,9 @@ from pathlib import Path
 from vift import paths
 
 
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the embedded sqlite database in the workspace."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(paths.MLFLOW_DB).resolve()}"
+def tracking_uri(workspace: str | Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else the embedded sqlite database in ``workspace`` (default: here)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(workspace or '.') / paths.MLFLOW_DB).resolve()}"
 
 
 def dvc_remote() -> dict[str, str | None]:

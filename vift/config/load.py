@@ -71,21 +71,24 @@ def load_preset(name: str) -> Params:
     return validate_params(raw, str(path))
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1e-4", ...]`` -> ``{"a.b": 0.0001}``: values parsed as YAML scalars (see apply_overrides)."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected KEY=VALUE, e.g. train.text.learning_rate=1e-4", 2)
+        pairs[key.strip()] = yaml.safe_load(value)
+    return pairs
+
+
 def apply_overrides(params: Params, overrides: list[str] | dict[str, Any]) -> Params:
     """Return ``params`` with dotted-key overrides applied (``train.text.learning_rate=1e-4``).
 
     String values are parsed as YAML scalars, so ``3``, ``1e-4``, ``true`` and ``[0, 4]`` get their
     natural types; the result is validated as a whole.
     """
-    if isinstance(overrides, list):
-        pairs = {}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UserError(f"override {item!r}: expected KEY=VALUE, e.g. train.text.learning_rate=1e-4", 2)
-            pairs[key.strip()] = yaml.safe_load(value)
-    else:
-        pairs = dict(overrides)
+    pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
     raw = params.model_dump(mode="json")
     for key, value in pairs.items():
         node = raw

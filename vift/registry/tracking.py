@@ -810,7 +810,7 @@ def stage_run(stage: str, params, workspace: str | Path | None = None) -> Iterat
     from vift.settings import tracking_uri
 
     workspace = Path(workspace if workspace is not None else Path.cwd()).resolve()
-    uri = tracking_uri()
+    uri = tracking_uri(workspace)
     required = mode == "required" or stage == REGISTER_STAGE
 
     def degrade(error: BaseException, when: str) -> None:
