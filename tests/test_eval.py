@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 from PIL import Image
 
 from vift.config.schema import CalibrationParams
@@ -97,3 +100,29 @@ def test_calibration_search_stays_in_budget_and_never_loses_to_no_fusion(tiny_lv
     chosen = result["fusion"]
     best = max(row["accuracy"] for row in result["search"])
     assert any(row["accuracy"] == best and all(row[k] == chosen[k] for k in chosen) for row in result["search"])
+
+
+def test_gold_answer_log_likelihood_equals_a_teacher_forced_forward_pass(tiny_lvlm, ci_data):
+    """The calibration tie-break: mean log p(answer + end-of-turn | image, question), finite."""
+    from vift.fusion.families import adapter_for
+    from vift.fusion.method import NEUTRAL
+
+    model, processor = tiny_lvlm
+    records = list(Manifest(ci_data / "calibration.jsonl", "vqa"))[:4]
+    images = [Image.open(ci_data / r.image).convert("RGB") for r in records]
+    calibrator = Calibrator(model, processor, records, images, batch_size=4, max_new_tokens=3)
+    measured = calibrator.answer_log_likelihood(NEUTRAL)
+    tokenizer = processor.tokenizer
+    expected = 0.0
+    for record, image in zip(records, images):
+        prompt = adapter_for(model).image_inputs(processor, [image], [record.question], model.device)
+        gold = tokenizer(record.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.cat([prompt["input_ids"], torch.tensor([gold])], dim=1)
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=prompt["pixel_values"]).logits[0].double()
+        start = prompt["input_ids"].shape[1]
+        log_probs = torch.log_softmax(logits[start - 1 : -1], dim=-1)
+        expected += float(log_probs.gather(1, torch.tensor(gold)[:, None]).sum())
+    assert math.isfinite(measured) and measured < 0
+    assert measured == pytest.approx(expected / len(records), rel=1e-4)

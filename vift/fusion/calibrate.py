@@ -122,7 +122,9 @@ class Calibrator:
             for row, tokens in enumerate(ids):
                 gold[row, : len(tokens)] = torch.tensor(tokens)
             scorer = GoldAnswerScorer(gold.to(self.model.device), tokenizer.eos_token_id)
-            self._generate(batch, spec, max_new_tokens=gold.shape[1], min_new_tokens=gold.shape[1], do_sample=False, logits_processor=LogitsProcessorList([scorer]))
+            # No min_new_tokens: its processor runs before ours and sets the end-of-turn token to -inf,
+            # which every gold answer ends with. The scorer forces that token, so generation stops there.
+            self._generate(batch, spec, max_new_tokens=gold.shape[1], do_sample=False, logits_processor=LogitsProcessorList([scorer]))
             total += float(scorer.log_likelihood.sum())
             count += len(ids)
         return total / max(1, count)
