@@ -9,6 +9,13 @@ import os
 from pydantic import ValidationError
 
 from vift.config.load import format_validation_error, parse_overrides
+from vift.settings import tracking_uri
+
+
+def _mlflow_ui(workspace: str | None = None) -> str:
+    """Where the run's MLflow records are: the embedded database (isolated runs have their own) or the server."""
+    uri = tracking_uri(workspace)
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
 
 
 def _validated(model, source: str, **fields):
@@ -38,7 +45,7 @@ def cmd_flow_run(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2, default=str))
     print("\nWhere to look:")
     print("  Prefect UI:  prefect server start   (then http://127.0.0.1:4200)")
-    print("  MLflow UI:   mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    print(f"  MLflow UI:   {_mlflow_ui(result.get('workspace'))}")
     print(f"  Report:      {result.get('workspace', '.')}/reports/ablation.md")
     print("  Next:        vift sweep --preset tiny   (accuracy against training samples, ViFT vs the baseline)")
     return 0
@@ -56,7 +63,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print("\nWhere to look:")
     print(f"  Table:       {result['out']}/data_efficiency.md")
     print(f"  Plot:        {result['out']}/data_efficiency.png")
-    print("  MLflow UI:   mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    print(f"  MLflow UI:   {_mlflow_ui()}")
     return 0
 
 

@@ -102,6 +102,8 @@ def prepare_workspace(parameters: PipelineParameters, name: str) -> str:
     for relative in filter(None, listed.decode().split("\0")):
         if relative.startswith(str(RUNS_DIR)) or not (source / relative).is_file():
             continue
+        if relative == "dvc.lock" and (target / relative).exists():
+            continue  # a resumed run keeps its own record of how far it got
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / relative, target / relative)
     if not (target / ".git").exists():

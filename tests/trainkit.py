@@ -29,13 +29,9 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def ci_base_model(tiny_lvlm, tmp_path_factory) -> Path:
-    """The ci tiny LVLM saved as an HF checkpoint directory."""
-    model, processor = tiny_lvlm
-    out = tmp_path_factory.mktemp("base") / "base"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+def ci_base_model(tiny_checkpoint) -> Path:
+    """The ci tiny LVLM saved as an HF checkpoint directory (conftest's, saved once per session)."""
+    return tiny_checkpoint
 
 
 def new_workspace(root: Path, ci_params, ci_data: Path, base_model: Path, overrides: dict | None = None):

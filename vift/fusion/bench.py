@@ -12,8 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="architecture and data shape to use (default tiny)")
@@ -35,6 +33,8 @@ def _median_seconds(fn, repeats: int) -> float:
 def reference_fused_generate(model, adapter, processor, image, question, spec, generate_kwargs):
     """The reference's way for one sample: text-only prefill and image prefill with every layer's
     hidden states, then a steered generate that adds on the last L positions."""
+    import torch
+
     image_inputs = adapter.image_inputs(processor, [image], [question], model.device)
     text_inputs = adapter.text_inputs(processor, [question], model.device)
     with torch.inference_mode():
@@ -62,6 +62,9 @@ def reference_fused_generate(model, adapter, processor, image, question, spec, g
 
 
 def run(args: argparse.Namespace) -> dict:
+    # torch loads here, not at import: `vift --help` builds this module's parser.
+    import torch
+
     from vift.config import load_preset
     from vift.data import TRAIN_SPLITS, Manifest, generate_shapetally
     from vift.fusion.families import adapter_for

@@ -25,9 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import Trainer, TrainerCallback
-
 FLOORS = {"trainer_over_torch_loop": 0.9, "grouped_over_padded": 1.5}
 
 
@@ -41,18 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
 
 
-class _StepClock(TrainerCallback):
-    """The time at the end of every optimizer step."""
-
-    def __init__(self):
-        self.ends: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
-
-
 def _torch_loop(model, loader, optimizer, max_grad_norm: float) -> list[float]:
     """Forward, backward, clip, step: the minimal loop. Returns the time at the end of every step."""
+    import torch
+
     model.train()
     ends = []
     for batch in loader:
@@ -108,6 +97,9 @@ def _build(root: Path, records: int, max_length: int):
 
 
 def run(args: argparse.Namespace) -> dict:
+    # torch and transformers load here, not at import: `vift --help` builds this module's parser.
+    import torch
+    from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 
     from vift.config.schema import StageTrainParams
@@ -115,6 +107,15 @@ def run(args: argparse.Namespace) -> dict:
     from vift.train.sampler import GroupedBatchSampler
     from vift.train.stage import training_arguments
     from vift.train.trainer import StageTrainer
+
+    class StepClock(TrainerCallback):
+        """The time at the end of every optimizer step."""
+
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
             return _torch_loop(copied, loader, optimizer, stage.max_grad_norm)
 
         def trainer_run():
-            clock = _StepClock()
+            clock = StepClock()
             trainer = StageTrainer(
                 model=copy.deepcopy(model), args=train_args, train_dataset=mixture, data_collator=PaddingCollator(pad),
                 processing_class=processor, callbacks=[clock], stage_name="bench", stage_params=stage,

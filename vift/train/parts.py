@@ -9,11 +9,13 @@ differ by family; the patterns below cover the families transformers 5 names in 
 from __future__ import annotations
 
 from collections import Counter
-
-import torch
+from typing import TYPE_CHECKING
 
 from vift.config.schema import StageTrainParams
 from vift.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: `vift stage --dry-run` plans launches without torch
+    import torch
 
 PARTS = ("projector", "vision_tower", "language_model")
 

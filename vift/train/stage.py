@@ -133,8 +133,9 @@ def stage_steps(spec: StageSpec, params: Params, mixture: Mixture, processes: in
         return resolve_steps(getattr(params.train, spec.section), mixture.epoch_samples(), processes)
     reference = getattr(params.train, spec.steps_from.section)
     shares = stage_shares(spec.steps_from, reference)
+    loaded = {source.name: source.size for source in mixture.sources}  # e.g. captions: read already
     sizes = {
-        split: count_records(split, params.data.bad_records, params.train.data_fraction)
+        split: loaded[split] if split in loaded else count_records(split, params.data.bad_records, params.train.data_fraction)
         for split, share in shares.items()
         if share > 0
     }

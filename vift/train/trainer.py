@@ -73,8 +73,10 @@ class StageTrainer(Trainer):
             finite = self.accelerator.gather(finite)
         if not bool(finite.min()):
             step = self.state.global_step + 1
+            # After the gather every rank stops; only a rank whose own loss is bad can name its value.
+            value = "non-finite on another rank" if bool(torch.isfinite(loss.detach())) else loss.item()
             raise UserError(
-                f"{self.stage_name}: the loss became {loss.item()} at optimizer step {step} of "
+                f"{self.stage_name}: the loss became {value} at optimizer step {step} of "
                 f"{self.state.max_steps}; training stopped. Lower the learning rates in "
                 f"train.{self.stage_name.removeprefix('train_')} or check the data; the last good "
                 f"checkpoint, if any, is in {self.args.output_dir}."
