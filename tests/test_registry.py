@@ -542,3 +542,21 @@ def test_predict_names_a_missing_model(mlflow_server, tmp_path, monkeypatch, cap
     Image.new("RGB", (8, 8)).save(image)
     assert main(["predict", "--model", "models:/no-such-model@champion", "--image", str(image), "--question", "q"]) == 1
     assert "models:/no-such-model@champion: no such registered model version" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json array"])
+def test_the_input_example_is_the_first_test_item_with_an_image_in_either_manifest_layout(tmp_path, ci_data, layout):
+    from vift.registry.gate import _example
+
+    records = [json.loads(line) for line in (ci_data / "test.jsonl").read_text().splitlines()[:3]]
+    data = tmp_path / "data" / "benchmark"
+    for record in records:
+        (data / record["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ci_data / record["image"], data / record["image"])
+    text = json.dumps(records) if layout == "json array" else "".join(json.dumps(r) + "\n" for r in records)
+    (data / "test.jsonl").write_text(text)
+    assert _example(tmp_path) == (data / records[0]["image"], records[0]["question"])
+    records[0]["image"] = "../../outside.png"  # escapes the data root: skipped, the next item is used
+    (data / "test.jsonl").write_text(json.dumps(records))
+    assert _example(tmp_path) == (data / records[1]["image"], records[1]["question"])
+    assert _example(tmp_path / "empty") == (None, "How many shapes are there?")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vift import paths
+from vift.data.manifests import Manifest
 from vift.errors import UserError
 from vift.io import atomic_write_json
 from vift.registry import tracking
@@ -126,17 +127,18 @@ def _accuracy(version, gate_metric: str) -> float | None:
 
 
 def _example(workspace: Path):
-    """The first test item (image path, question) for the model's input example, if data exists."""
-    manifest = workspace / paths.manifest("test")
+    """The first test item with an image (path, question) for the model's input example, if data exists.
+
+    Read through the manifest loader, so JSON-array manifests and the image-root check hold here too.
+    """
+    manifest = Manifest(workspace / paths.manifest("test"), "vqa", workspace / paths.DATA_DIR)
     try:
-        with manifest.open() as handle:
-            record = json.loads(handle.readline())
-        image = workspace / paths.DATA_DIR / record["image"]
-        if image.is_file():
-            return image, str(record["question"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None, "How many shapes are there?"
+        record = next((r for r in manifest if r.image is not None), None)
+    except (OSError, UserError):
+        record = None
+    if record is None:
+        return None, "How many shapes are there?"
+    return manifest.image_path(record), record.question
 
 
 def _gate(client, name: str, version, accuracy: float, gate_metric: str, margin: float) -> dict:
