@@ -38,16 +38,10 @@ def ci_data(ci_params, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lvlm(ci_params, ci_data):
     """(model, processor) of the ci architecture, tokenizer trained on the ci corpus."""
-    from vift.data import TRAIN_SPLITS, Manifest
+    from vift.data import training_corpus
     from vift.model import build_tiny_lvlm
 
-    def corpus():
-        for split in TRAIN_SPLITS:
-            for record in Manifest(ci_data / f"{split}.jsonl", "conversation", check_images=False):
-                for turn in record.conversations:
-                    yield turn.value
-
-    model, processor = build_tiny_lvlm(ci_params.model.tiny, ci_params.data.image_size, corpus())
+    model, processor = build_tiny_lvlm(ci_params.model.tiny, ci_params.data.image_size, training_corpus(ci_data))
     model.eval()
     return model, processor
 

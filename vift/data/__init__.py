@@ -1,6 +1,6 @@
 """Data: the ShapeTally world, manifest formats and streaming loaders."""
 
-from vift.data.generate import EVAL_SPLITS, SPLITS, TRAIN_SPLITS, generate_shapetally
+from vift.data.generate import EVAL_SPLITS, SPLITS, TRAIN_SPLITS, generate_shapetally, training_corpus
 from vift.data.manifests import ConversationRecord, Manifest, VQARecord
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "Manifest",
     "VQARecord",
     "generate_shapetally",
+    "training_corpus",
 ]

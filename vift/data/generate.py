@@ -19,12 +19,19 @@ from vift.data.world import (
     text_prompt,
     render,
 )
+from vift.data.manifests import IMAGE_TOKEN, Manifest
 from vift.io import atomic_directory, atomic_write_json
 
-IMAGE_TOKEN = "<image>"
 TRAIN_SPLITS = ("backbone_text", "captions", "text_instructions", "visual_instructions")
 EVAL_SPLITS = ("calibration", "test")
 SPLITS = TRAIN_SPLITS + EVAL_SPLITS
+
+
+def training_corpus(root: Path) -> Iterator[str]:
+    """Every conversation turn of the training splits under ``root``: the tokenizer's corpus."""
+    for split in TRAIN_SPLITS:
+        for record in Manifest(root / f"{split}.jsonl", "conversation", root, check_images=False):
+            yield from (turn.value for turn in record.conversations)
 ARITHMETIC_SHARE = 0.3  # share of pure arithmetic among text-only instructions
 BOARD_SHARE = 0.25  # share of board -> description records in backbone_text (see Scene.board)
 

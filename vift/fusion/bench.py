@@ -35,13 +35,15 @@ def reference_fused_generate(model, adapter, processor, image, question, spec, g
     hidden states, then a steered generate that adds on the last L positions."""
     import torch
 
+    from vift.model.loading import decoder_layers
+
     image_inputs = adapter.image_inputs(processor, [image], [question], model.device)
     text_inputs = adapter.text_inputs(processor, [question], model.device)
     with torch.inference_mode():
         text_hidden = model(**text_inputs, output_hidden_states=True).hidden_states
         image_hidden = model(**image_inputs, output_hidden_states=True).hidden_states
         length = text_inputs["input_ids"].shape[1]
-        layers = model.get_decoder().layers
+        layers = decoder_layers(model)
         start, end = spec.layer_range(len(layers))
         done: set[int] = set()
 
@@ -66,27 +68,26 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from vift.config import load_preset
-    from vift.data import TRAIN_SPLITS, Manifest, generate_shapetally
+    from vift.data import Manifest, generate_shapetally, training_corpus
+    from vift.eval.runner import load_images
     from vift.fusion.families import adapter_for
     from vift.fusion.method import FusionSpec, fused_generate
     from vift.model import build_tiny_lvlm
+    from vift.model.loading import decoder_layers
 
     params = load_preset(args.preset)
     data = params.data.model_copy(update={"backbone_text": 200, "captions": 50, "text_instructions": 50, "visual_instructions": 10, "calibration": 0, "test": args.batch_size})
     with tempfile.TemporaryDirectory(prefix="vift-bench-") as scratch:
         root = Path(scratch) / "data"
         generate_shapetally(data, root)
-        corpus = (t.value for s in TRAIN_SPLITS for r in Manifest(root / f"{s}.jsonl", "conversation", check_images=False) for t in r.conversations)
-        model, processor = build_tiny_lvlm(params.model.tiny, data.image_size, corpus)
+        model, processor = build_tiny_lvlm(params.model.tiny, data.image_size, training_corpus(root))
         records = list(Manifest(root / "test.jsonl", "vqa"))
-        from PIL import Image
-
-        images = [Image.open(root / r.image).convert("RGB") for r in records]
+        images = load_images(records, root)
     model.eval()
     questions = [r.question for r in records]
     n = len(questions)
     generate_kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
-    layers = len(model.get_decoder().layers)
+    layers = len(decoder_layers(model))
     full = FusionSpec(a=0.5, b=0.5, positions="text_prompt")
     upper = FusionSpec(a=0.5, b=0.5, positions="text_prompt", layer_start=layers // 2)
     adapter = adapter_for(model)

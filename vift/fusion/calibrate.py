@@ -23,6 +23,7 @@ from vift.config.schema import CalibrationParams
 from vift.eval.answers import extract_answer, is_correct
 from vift.fusion.families import adapter_for
 from vift.fusion.method import NEUTRAL, FusionSpec, capture_states, steered_generate
+from vift.model.loading import decoder_layers
 
 WEIGHT_FIELDS = {"additive": ("a", "b"), "replace": ("w_vis", "w_text")}
 
@@ -75,7 +76,7 @@ class Calibrator:
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
-        self.num_layers = len(model.get_decoder().layers)
+        self.num_layers = len(decoder_layers(model))
         adapter = adapter_for(model)
         self.batches: list[_Batch] = []
         cached = 0

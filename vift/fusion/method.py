@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from vift.fusion.hooks import PrefillEditor, capture_layer_inputs
+from vift.model.loading import decoder_layers
 
 Mode = Literal["additive", "replace"]
 Positions = Literal["question", "text_prompt"]
@@ -119,7 +120,7 @@ def _edit(spec: FusionSpec, text_state: torch.Tensor, image_state: torch.Tensor,
 
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         text, image, where = _repeat_for(hidden, text_state, image_state, mask[..., None])
-        hidden = hidden.clone()  # the input may be a tensor the caller still holds (hidden_states outputs)
+        # Both formulas build a new tensor: the input (which a caller may still hold) is never written.
         if spec.mode == "additive":
             return hidden + where * (spec.a * text - spec.b * image)
         return torch.where(where, spec.w_vis * image + spec.w_text * text, hidden)
@@ -127,13 +128,9 @@ def _edit(spec: FusionSpec, text_state: torch.Tensor, image_state: torch.Tensor,
     return edit
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    return model.get_decoder().layers
-
-
 def capture_states(model, image_inputs: dict, text_inputs: dict, start: int, end: int) -> tuple[list, list]:
     """Unsteered inputs of decoder layers [start, end): (text-only states, image+question states)."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     return (
         capture_layer_inputs(model, layers, text_inputs, start, end),
         capture_layer_inputs(model, layers, image_inputs, start, end),
@@ -150,7 +147,7 @@ def steered_generate(
     them. ``states``: captures from ``capture_states`` over exactly the spec's layer range, to
     reuse across specs (calibration); captured here when None. Returns what ``generate`` returns.
     """
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     start, end = spec.layer_range(len(layers))
     mask = fused_positions(
         image_inputs["input_ids"], image_inputs["attention_mask"], text_inputs["input_ids"], text_inputs["attention_mask"], spec.positions

@@ -7,7 +7,7 @@ import time
 
 from vift import paths
 from vift.config.schema import Params
-from vift.data.generate import TRAIN_SPLITS
+from vift.data.generate import training_corpus
 from vift.data.manifests import Manifest
 from vift.data.world import text_prompt
 from vift.fusion.method import fused_generate
@@ -18,13 +18,6 @@ from vift.model.tiny import build_tiny_lvlm
 from vift.train.pretrain import pretrain_language_model
 
 TEXT_CHECK_ITEMS = 300  # held-out test scenes used to check the pretrained LM on text
-
-
-def _corpus(params: Params):
-    for split in TRAIN_SPLITS:
-        for record in Manifest(paths.manifest(split), "conversation", paths.DATA_DIR, check_images=False):
-            for turn in record.conversations:
-                yield turn.value
 
 
 def text_accuracy(model, processor, batch_size: int) -> dict:
@@ -48,7 +41,7 @@ def run(params: Params) -> None:
     report: dict = {"base": params.model.base}
     with atomic_directory(paths.BASE_MODEL) as out:
         if params.model.base == "tiny":
-            model, processor = build_tiny_lvlm(params.model.tiny, params.data.image_size, _corpus(params), params.seed)
+            model, processor = build_tiny_lvlm(params.model.tiny, params.data.image_size, training_corpus(paths.DATA_DIR), params.seed)
             report["parameters"] = sum(p.numel() for p in model.parameters())
             report["text_accuracy_before"] = text_accuracy(model, processor, params.eval.batch_size)["accuracy"]
             backbone = list(Manifest(paths.manifest("backbone_text"), "conversation", paths.DATA_DIR, check_images=False))

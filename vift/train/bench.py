@@ -72,7 +72,7 @@ def _steady_rate(rounds: list[list[float]], batches: list[tuple[int, int, int]],
 
 def _build(root: Path, records: int, max_length: int):
     from vift.config.schema import DataParams, TinyModelParams
-    from vift.data import TRAIN_SPLITS, Manifest, generate_shapetally
+    from vift.data import Manifest, generate_shapetally, training_corpus
     from vift.model import build_tiny_lvlm
     from vift.train.collate import ConversationDataset
     from vift.train.sampler import Mixture
@@ -82,12 +82,7 @@ def _build(root: Path, records: int, max_length: int):
     )
     generate_shapetally(data, root)
 
-    def corpus():
-        for split in TRAIN_SPLITS:
-            for record in Manifest(root / f"{split}.jsonl", "conversation", check_images=False):
-                yield from (turn.value for turn in record.conversations)
-
-    model, processor = build_tiny_lvlm(TinyModelParams(), data.image_size, corpus(), seed=0)
+    model, processor = build_tiny_lvlm(TinyModelParams(), data.image_size, training_corpus(root), seed=0)
 
     def dataset(split):
         return ConversationDataset(list(Manifest(root / f"{split}.jsonl", "conversation", root)), processor, root, max_length)
