@@ -69,3 +69,9 @@ def is_correct(extracted: str, gold: str, choices: list[str] | None = None) -> b
     if expected is not None:
         return got is not None and abs(expected - got) <= 1e-6 * max(1.0, abs(expected))
     return normalise(extracted) == normalise(gold)
+
+
+def score_answer(record, response: str) -> dict:
+    """The ablation's rule-based scoring of one VQA record (anything with answer and choices)."""
+    extracted = extract_answer(response, record.answer, record.choices)
+    return {"extracted": extracted, "correct": is_correct(extracted, record.answer, record.choices)}

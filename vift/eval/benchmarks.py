@@ -745,13 +745,9 @@ def make_scorer(benchmark: str, judge=None) -> Callable[[VQARecord, str], dict]:
     _spec(benchmark)
     if judge is None:
         if benchmark == "vqa":
-            from vift.eval.answers import extract_answer, is_correct
+            from vift.eval.answers import score_answer
 
-            def vqa_rules(record: VQARecord, response: str) -> dict:
-                extracted = extract_answer(response, record.answer, record.choices)
-                return {"extracted": extracted, "correct": is_correct(extracted, record.answer, record.choices), "scored_by": "rules"}
-
-            return vqa_rules
+            return lambda record, response: {**score_answer(record, response), "scored_by": "rules"}
         return rule_score
 
     def judged(record: VQARecord, response: str) -> dict:

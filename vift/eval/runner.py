@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from vift.data.manifests import Manifest, VQARecord
-from vift.eval.answers import extract_answer, is_correct
+from vift.eval.answers import score_answer
 from vift.eval.stats import wilson_interval
 from vift.fusion.method import FusionSpec, fused_generate
 
@@ -46,11 +46,7 @@ def prediction_rows(
     (for a scorer that waits on a server); rows keep the records' order.
     """
 
-    def rules(record: VQARecord, answer: str) -> dict:
-        extracted = extract_answer(answer, record.answer, record.choices)
-        return {"extracted": extracted, "correct": is_correct(extracted, record.answer, record.choices)}
-
-    score_one = scorer or rules
+    score_one = scorer or score_answer
     pairs = list(zip(records, answers))
     if workers > 1 and len(pairs) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:

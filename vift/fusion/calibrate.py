@@ -20,7 +20,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vift.config.schema import CalibrationParams
-from vift.eval.answers import extract_answer, is_correct
+from vift.eval.answers import score_answer
 from vift.fusion.families import adapter_for
 from vift.fusion.method import NEUTRAL, FusionSpec, capture_states, steered_generate
 from vift.model.loading import decoder_layers
@@ -109,7 +109,7 @@ class Calibrator:
             sequences = self._generate(batch, spec, max_new_tokens=self.max_new_tokens, do_sample=False)
             new = sequences[:, batch.image_inputs["input_ids"].shape[1] :]
             for record, text in zip(batch.records, self.processor.batch_decode(new, skip_special_tokens=True)):
-                correct += is_correct(extract_answer(text, record.answer, record.choices), record.answer, record.choices)
+                correct += score_answer(record, text)["correct"]
                 total += 1
         return correct / max(1, total)
 
