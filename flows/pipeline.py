@@ -61,25 +61,23 @@ class PipelineParameters(BaseModel):
         text = json.dumps(self.effective().model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
+    def name(self) -> str:
+        """The flow run's and the isolated workspace's name: the preset and the digest."""
+        return f"{self.preset}-{self.digest()}"
+
 
 def run_name() -> str:
     """Flow run name: the preset and a short hash of the effective parameters."""
     raw = flow_run.parameters.get("parameters") or {}
     parameters = raw if isinstance(raw, PipelineParameters) else PipelineParameters.model_validate(raw)
-    return f"{parameters.preset}-{parameters.digest()}"
+    return parameters.name()
 
 
-def _environment(workspace: Path) -> dict[str, str]:
-    # Without MLFLOW_TRACKING_URI each workspace tracks into its own embedded sqlite database
-    # (two concurrent runs never share one sqlite file); a team sets the URI of its server.
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+def _run(command: list[str], cwd: Path) -> str:
+    """Run a command in ``cwd`` with this interpreter's bin/ first on PATH (dvc, vift)."""
     logger = get_run_logger()
     logger.info("$ %s  (in %s)", " ".join(command), cwd)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     output = (completed.stdout + completed.stderr).strip()
     if output:
@@ -87,6 +85,20 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
     if completed.returncode:
         raise RuntimeError(f"{' '.join(command)} failed (exit {completed.returncode}):\n{output[-2000:]}")
     return output
+
+
+def copy_worktree(source: Path, target: Path) -> None:
+    """Copy the files git tracks or would track (not ignored) from ``source`` to ``target``: what a
+    clone with the working tree's edits holds. A ``dvc.lock`` already in ``target`` is kept: a
+    resumed run keeps its own record of how far it got."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=source, capture_output=True, check=True).stdout
+    for relative in filter(None, listed.decode().split("\0")):
+        if relative.startswith(str(RUNS_DIR)) or not (source / relative).is_file():
+            continue
+        if relative == "dvc.lock" and (target / relative).exists():
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / relative, target / relative)
 
 
 @task(name="prepare workspace")
@@ -97,36 +109,28 @@ def prepare_workspace(parameters: PipelineParameters, name: str) -> str:
         write_params(parameters.effective(), source / "params" / "params.yaml")
         return str(source)
     target = source / RUNS_DIR / name
-    env = _environment(source)
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=source, capture_output=True, check=True).stdout
-    for relative in filter(None, listed.decode().split("\0")):
-        if relative.startswith(str(RUNS_DIR)) or not (source / relative).is_file():
-            continue
-        if relative == "dvc.lock" and (target / relative).exists():
-            continue  # a resumed run keeps its own record of how far it got
-        (target / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / relative, target / relative)
+    copy_worktree(source, target)
     if not (target / ".git").exists():
-        _run(["git", "init", "-q"], target, env)
+        _run(["git", "init", "-q"], target)
     cache = source / ".dvc" / "cache"
-    _run(["dvc", "config", "--local", "cache.dir", str(cache)], target, env)
+    # Each isolated workspace tracks into its own embedded MLflow database unless MLFLOW_TRACKING_URI
+    # names a server (settings.tracking_uri): two concurrent runs never share one sqlite file.
+    _run(["dvc", "config", "--local", "cache.dir", str(cache)], target)
     write_params(parameters.effective(), target / "params" / "params.yaml")
     return str(target)
 
 
 @task(name="dvc stage", task_run_name="stage {stage}")
 def run_stage(workspace: str, stage: str) -> str:
-    return _run(["dvc", "repro", "--single-item", stage], Path(workspace), _environment(Path(workspace)))
+    return _run(["dvc", "repro", "--single-item", stage], Path(workspace))
 
 
-@task(name="dvc stage (network)", task_run_name="stage {stage}", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
-def run_network_stage(workspace: str, stage: str) -> str:
-    return _run(["dvc", "repro", "--single-item", stage], Path(workspace), _environment(Path(workspace)))
+run_network_stage = run_stage.with_options(name="dvc stage (network)", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
 
 
 @task(name="dvc push", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
 def push_outputs(workspace: str) -> str:
-    return _run(["dvc", "push"], Path(workspace), _environment(Path(workspace)))
+    return _run(["dvc", "push"], Path(workspace))
 
 
 @task(name="publish artifacts")
@@ -160,7 +164,7 @@ def publish_artifacts(workspace: str) -> dict:
 @flow(name="vift-pipeline", flow_run_name=run_name, log_prints=True)
 def vift_pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict:
     """Run the vift stage graph (data → base → training → calibration → evaluation → registration)."""
-    workspace = prepare_workspace(parameters, f"{parameters.preset}-{parameters.digest()}")
+    workspace = prepare_workspace(parameters, parameters.name())
     for stage in STAGES[: STAGES.index(parameters.stop_after) + 1]:
         (run_network_stage if stage in NETWORK_STAGES else run_stage)(workspace, stage)
     if parameters.push:

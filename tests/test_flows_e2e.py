@@ -43,13 +43,10 @@ def wait_until(check, timeout: float, what: str, interval: float = 1.0):
 
 def make_project(root: Path, env: dict) -> Path:
     """A git repository holding the project's files (what a clone has), with no outputs yet."""
+    from flows.pipeline import copy_worktree
+
     root.mkdir(parents=True)
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for relative in filter(None, listed.decode().split("\0")):
-        source = REPO / relative
-        if source.is_file():
-            (root / relative).parent.mkdir(parents=True, exist_ok=True)
-            (root / relative).write_bytes(source.read_bytes())
+    copy_worktree(REPO, root)
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"]):
         subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
     return root
