@@ -76,7 +76,7 @@ def read_metrics(workspace: Path, gate_metric: str) -> tuple[dict, dict]:
     return dict(rows), dict(row)
 
 
-def _version_tags(rows: Mapping[str, Any], gate_metric: str, handle: StageRun, params) -> dict[str, str]:
+def _version_tags(rows: Mapping[str, Any], gate_metric: str, handle: StageRun) -> dict[str, str]:
     tags = {
         TAG_RUN: handle.run_id,
         TAG_GATE_METRIC: gate_metric,
@@ -88,7 +88,7 @@ def _version_tags(rows: Mapping[str, Any], gate_metric: str, handle: StageRun, p
             ci = values.get("ci95")
             if isinstance(ci, (list, tuple)) and len(ci) == 2:
                 tags[f"ci95.{row}"] = json.dumps([float(v) for v in ci])
-    tags.update(tracking.lineage_tags(params, handle.workspace))  # git commit, dvc.lock hashes
+    tags.update(handle.lineage)  # git commit, dvc.lock hashes
     return {k: str(v) for k, v in tags.items()}
 
 
@@ -242,7 +242,7 @@ def register_run(params, handle: StageRun) -> dict:
                 example_image=image,
                 example_question=question,
             )
-        tags = _version_tags(rows, gate_metric, handle, params)
+        tags = _version_tags(rows, gate_metric, handle)
         with guard(uri, f"register a version of {name!r}"):
             version = mlflow.register_model(info.model_uri, name, tags=tags)
             ci = gate_row.get("ci95")

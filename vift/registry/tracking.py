@@ -654,6 +654,7 @@ class StageRun:
     new: bool
     reason: str | None
     client: Any = field(repr=False)
+    lineage: dict[str, str] = field(default_factory=dict)  # lineage_tags at the start of the stage
 
     @property
     def record(self) -> WorkspaceRun:
@@ -785,11 +786,13 @@ def open_run(stage: str, params, workspace: Path, uri: str) -> StageRun:
             record.save(state)
     if new:
         _info(f"MLflow run {run_id} started ({reason}) on {redact(uri)}")
+    # Computed once per stage (git subprocesses, dvc.lock): nothing a stage does changes them.
+    lineage = lineage_tags(params, workspace)
     with guard(uri, "log parameters and lineage tags"):
         if new:
             log_params(client, run_id, params)
-        set_tags(client, run_id, lineage_tags(params, workspace))
-    return StageRun(stage, run_id, experiment_id, experiment, uri, workspace, params, new, reason, client)
+        set_tags(client, run_id, lineage)
+    return StageRun(stage, run_id, experiment_id, experiment, uri, workspace, params, new, reason, client, lineage)
 
 
 @contextlib.contextmanager
@@ -847,7 +850,7 @@ def stage_run(stage: str, params, workspace: str | Path | None = None) -> Iterat
             status = "FINISHED"
             try:
                 handle.log_stage(stage)
-                handle.tag(lineage_tags(params, workspace) | {f"vift.stage.{stage}": _now()})
+                handle.tag(handle.lineage | {f"vift.stage.{stage}": _now()})
             except Exception as error:  # noqa: BLE001 - see degrade()
                 degrade(error, "after the stage")
         finally:
