@@ -38,7 +38,7 @@ def load_registered(model_uri: str):
     """(pyfunc model, version info) for ``model_uri`` on the configured tracking server."""
     import mlflow
 
-    from vift.registry.tracking import check_reachable, guard, redact, using_tracking_uri
+    from vift.registry.tracking import check_reachable, guard, is_missing, redact, using_tracking_uri
     from vift.settings import tracking_uri
 
     uri = tracking_uri()
@@ -51,8 +51,7 @@ def load_registered(model_uri: str):
             try:
                 info = _resolve_version(client, model_uri)
             except MlflowException as error:
-                text = str(error)
-                if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "INVALID_PARAMETER_VALUE" in text:
+                if is_missing(error, invalid_parameter=True):
                     raise UserError(
                         f"{model_uri}: no such registered model version on {redact(uri)}; run `vift stage register` "
                         f"(or `dvc repro`) against this tracking URI, or check the name and alias"

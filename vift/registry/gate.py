@@ -110,8 +110,7 @@ def _alias(client, name: str, alias: str):
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
-        text = str(error)
-        if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "INVALID_PARAMETER_VALUE" in text:
+        if tracking.is_missing(error, invalid_parameter=True):
             return None
         raise
 

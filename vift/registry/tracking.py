@@ -717,15 +717,25 @@ def active() -> StageRun | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
+def is_missing(error: BaseException, invalid_parameter: bool = False) -> bool:
+    """Whether an MLflow error says the run, model or version does not exist.
+
+    Stores word it differently (REST: RESOURCE_DOES_NOT_EXIST; sqlite: "... not found"); an alias
+    that was never set is INVALID_PARAMETER_VALUE on some versions (``invalid_parameter``).
+    """
+    text = str(error)
+    if "RESOURCE_DOES_NOT_EXIST" in text or getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return "not found" in text.lower() or (invalid_parameter and "INVALID_PARAMETER_VALUE" in text)
+
+
 def _get_run(client, run_id: str):
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_run(run_id)
     except MlflowException as error:
-        if "RESOURCE_DOES_NOT_EXIST" in str(error) or getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        if "not found" in str(error).lower():
+        if is_missing(error):
             return None
         raise
 
