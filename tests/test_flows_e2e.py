@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,17 +17,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from vift.storage.testing import free_port
 
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "vift-pipeline/vift-pipeline"
 SWEEP_DEPLOYMENT = "vift-data-efficiency/vift-data-efficiency"
 RUN_TIMEOUT = 900
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 1.0):

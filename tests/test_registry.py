@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from vift.errors import UserError
 from vift.fusion.method import FusionSpec, fused_generate
 from vift.registry import gate, tracking
 from vift.registry.pyfunc import ViftModel
+from vift.storage.testing import free_port
 
 BIN = Path(sys.executable).parent
 FUSION = FusionSpec(mode="additive", positions="question", a=0.6, b=0.3, layer_start=1, layer_end=3)
@@ -136,12 +136,6 @@ def client_for(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 
 from vift import paths
 from vift.errors import UserError
+from vift.eval.report import percent
 from vift.io import atomic_directory
 
 # Rows drawn against training samples, and which model's samples place them on the x axis.
@@ -122,10 +123,6 @@ def table_csv(summary: dict) -> str:
     return buffer.getvalue()
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
 def table_markdown(summary: dict) -> str:
     meta = summary["meta"]
     lines = [
@@ -140,7 +137,7 @@ def table_markdown(summary: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point in summary["points"]:
-        cells = {row: f"{_pct(v['accuracy'])} [{_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}]" for row, v in point["rows"].items()}
+        cells = {row: f"{percent(v['accuracy'])} [{percent(v['ci95'][0])}, {percent(v['ci95'][1])}]" for row, v in point["rows"].items()}
         differences = []
         for other in PAIRED_WITH:
             paired = point.get("paired", {}).get(other)
@@ -155,7 +152,7 @@ def table_markdown(summary: dict) -> str:
             + " |"
         )
     majority = summary["points"][-1]["rows"]["majority_per_type"]["accuracy"]
-    lines += ["", f"majority_per_type (no training data): {_pct(majority)} %.", ""]
+    lines += ["", f"majority_per_type (no training data): {percent(majority)} %.", ""]
     return "\n".join(lines)
 
 

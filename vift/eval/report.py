@@ -17,7 +17,7 @@ PAPER_RESULTS = {
 }
 
 
-def _pct(value: float) -> str:
+def percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
@@ -34,8 +34,8 @@ def ablation_markdown(metrics: dict, fusion: dict, title: str) -> str:
         "| --- | ---: | --- | ---: | " + " | ".join("---:" for _ in types) + " |",
     ]
     for name, row in rows.items():
-        by_type = " | ".join(_pct(row["by_type"][t]["accuracy"]) if t in row["by_type"] else "" for t in types)
-        lines.append(f"| {name} | {_pct(row['accuracy'])} | {_pct(row['ci95'][0])}–{_pct(row['ci95'][1])} | {row['n']} | {by_type} |")
+        by_type = " | ".join(percent(row["by_type"][t]["accuracy"]) if t in row["by_type"] else "" for t in types)
+        lines.append(f"| {name} | {percent(row['accuracy'])} | {percent(row['ci95'][0])}–{percent(row['ci95'][1])} | {row['n']} | {by_type} |")
     lines += ["", "## Paired comparisons (same items)", "", "| comparison | difference (pp) | paired bootstrap 95 % CI | only fused right | only other right | McNemar p |", "| --- | ---: | --- | ---: | ---: | ---: |"]
     for name, pair in metrics["paired"].items():
         lines.append(
