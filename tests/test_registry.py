@@ -144,18 +144,22 @@ def client_for(uri: str):
 
 
 def test_pyfunc_predict_accepts_path_bytes_and_base64_and_fusion_off_is_the_plain_model(
-    saved_model, items, expected, tmp_path
+    saved_model, items, expected, tmp_path, monkeypatch
 ):
     import pandas as pd
+
+    from vift.registry.pyfunc import IMAGE_ROOT_ENV
 
     fusion_file = tmp_path / "fusion.json"
     fusion_file.write_text(json.dumps({"fusion": FUSION.to_dict(), "calibration": {}}))
     model = ViftModel(max_new_tokens=MAX_NEW_TOKENS)
     model.load_context(SimpleNamespace(artifacts={"model": str(saved_model), "fusion": str(fusion_file)}))
     paths, questions = items
+    root = Path(os.path.commonpath([p.resolve() for p in paths]))
+    monkeypatch.setenv(IMAGE_ROOT_ENV, str(root))  # paths are read only under an explicit root
     as_bytes = [p.read_bytes() for p in paths]
     forms = {
-        "path": [str(p) for p in paths],
+        "path": [str(p.resolve().relative_to(root)) for p in paths],
         "bytes": as_bytes,
         "base64": [base64.b64encode(b).decode() for b in as_bytes],
         "data_uri": ["data:image/png;base64," + base64.b64encode(b).decode() for b in as_bytes],
@@ -175,7 +179,7 @@ def test_pyfunc_rejects_unreadable_images_clearly(saved_model, tmp_path):
 
     from vift.registry.pyfunc import decode_image
 
-    with pytest.raises(MlflowException, match="row 2: image 'no/such/file.png' is neither an existing file nor base64"):
+    with pytest.raises(MlflowException, match="row 2: image 'no/such/file.png' is not base64-encoded image data"):
         decode_image("no/such/file.png", 2)
     with pytest.raises(MlflowException, match="not a readable image"):
         decode_image(b"definitely not a png", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -13,15 +14,32 @@ from vift import __version__
 from vift.errors import UserError
 
 
+# Failures of the machine, not of vift: a message naming the file, never a traceback. Writes are
+# atomic, so whatever was being written is simply not there.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "the disk is full; free space and rerun (nothing half-written was kept)",
+    errno.EDQUOT: "the disk quota is exceeded; free space and rerun (nothing half-written was kept)",
+    errno.EACCES: "permission denied; make the folder writable (or run where you may write) and rerun",
+    errno.EPERM: "operation not permitted; check the folder's owner and permissions",
+    errno.EROFS: "the file system is read-only; run in a writable workspace",
+}
+
+
 def _offline_defaults() -> None:
     # No machine of ours reaches a model hub; fail fast instead of waiting on the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    from vift.registry.tracking import QUIET_URLS, redact
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if redact(uri) != uri:  # MLflow would print "View run at <uri>", password included
+        os.environ[QUIET_URLS] = "true"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from vift.config import ACTIVE_PARAMS, load_params
+    from vift.registry.tracking import redact
     from vift.settings import dvc_remote, tracking_uri
 
     params_file = Path(args.params)
@@ -29,9 +47,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     remote = dvc_remote()
     info = {
         "version": __version__,
-        "tracking_uri": tracking_uri(),
+        "tracking_uri": redact(tracking_uri()),
         "registered_model": params.registry.model_name if params else None,
-        "dvc_remote": remote["url"],
+        "dvc_remote": redact(remote["url"]) if remote["url"] else None,
         "dvc_remote_name": remote["name"],
         "params_file": str(params_file),
         "params_file_exists": params_file.exists(),
@@ -169,8 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as error:
-        print(f"vift: error: {error}", file=sys.stderr)
+        from vift.registry.tracking import redact_text
+
+        print(f"vift: error: {redact_text(str(error))}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:
+        if error.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"vift: error: {where}{error.strerror}: {_ENVIRONMENT_ERRNOS[error.errno]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("vift: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,8 @@ METRICS_JSON = REPORTS_DIR / "metrics.json"
 ABLATION_MD = REPORTS_DIR / "ablation.md"
 PREDICTIONS_DIR = REPORTS_DIR / "predictions"
 MLFLOW_DB = Path("mlflow.db")
+STATE_DIR = Path(".vift")  # git-ignored workspace state: run record, locks
+IMPORT_LOCK = STATE_DIR / "import.lock"
 
 
 def manifest(split: str) -> Path:

@@ -42,15 +42,70 @@ def validate_params(raw: Any, source: str) -> Params:
         raise UserError(format_validation_error(source, error), exit_code=2) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key; the base class raises its own error for it
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first.line + 1})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_YAML_DEPTH = 32  # parameters nest four levels; anything far deeper is not a parameters file
+
+
+def _depth(value: Any, limit: int = MAX_YAML_DEPTH) -> int:
+    # Each container once: YAML aliases share objects, and expanding them is the "billion laughs".
+    stack, deepest, seen = [(value, 1)], 0, set()
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > limit:
+            return deepest
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` parsed with the strict safe loader; every failure is a UserError naming ``source``."""
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise UserError(f"{where}: not valid YAML: {getattr(error, 'problem', None) or error}", exit_code=2) from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply to be a parameters file", exit_code=2) from None
+    except ValueError as error:  # e.g. an integer over Python's 4,300-digit conversion limit
+        raise UserError(f"{source}: unreadable value: {error}", exit_code=2) from None
+    if _depth(value) > MAX_YAML_DEPTH:
+        raise UserError(f"{source}: nested more than {MAX_YAML_DEPTH} levels deep: not a parameters file", exit_code=2)
+    return value
+
+
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: no such parameters file (run `vift params use tiny` to create one)")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: not valid YAML: {getattr(error, 'problem', error)}", exit_code=2) from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}): save it as UTF-8", exit_code=2) from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read: {error.strerror or error}") from None
+    return parse_yaml(text, str(path))
 
 
 def load_params(path: str | Path = ACTIVE_PARAMS) -> Params:
@@ -78,7 +133,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r}: expected KEY=VALUE, e.g. train.text.learning_rate=1e-4", 2)
-        pairs[key.strip()] = yaml.safe_load(value)
+        pairs[key.strip()] = parse_yaml(value, f"override {item[:80]!r}")
     return pairs
 
 

@@ -6,30 +6,43 @@ silently ignored setting.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def _refuse_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1; strict mode would also refuse YAML's "1e-4" (a string to
+    # PyYAML), which users write for learning rates. So only booleans are refused.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, not the boolean {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_refuse_bool)]
+Float = Annotated[float, BeforeValidator(_refuse_bool)]
+STRICT = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT
 
 
 class DataParams(Section):
     """The benchmark data: the synthetic ShapeTally world, or imported manifests."""
 
     source: Literal["shapetally", "import"] = "shapetally"
-    seed: int = 0
-    image_size: int = Field(48, ge=16, le=512, description="pixels per side of a scene image")
-    grid: int = Field(3, ge=2, le=6, description="scene is a grid x grid board, one shape per cell")
-    min_objects: int = Field(1, ge=0)
-    max_objects: int = Field(6, ge=1)
-    backbone_text: int = Field(20000, ge=0, description="text samples that pretrain the tiny LM")
-    captions: int = Field(4000, ge=0)
-    text_instructions: int = Field(4000, ge=0)
-    visual_instructions: int = Field(4000, ge=0)
-    calibration: int = Field(200, ge=0)
-    test: int = Field(1000, ge=0)
+    seed: Int = 0
+    image_size: Int = Field(48, ge=16, le=512, description="pixels per side of a scene image")
+    grid: Int = Field(3, ge=2, le=6, description="scene is a grid x grid board, one shape per cell")
+    min_objects: Int = Field(1, ge=0)
+    max_objects: Int = Field(6, ge=1)
+    backbone_text: Int = Field(20000, ge=0, description="text samples that pretrain the tiny LM")
+    captions: Int = Field(4000, ge=0)
+    text_instructions: Int = Field(4000, ge=0)
+    visual_instructions: Int = Field(4000, ge=0)
+    calibration: Int = Field(200, ge=0)
+    test: Int = Field(1000, ge=0)
     bad_records: Literal["skip", "fail"] = Field(
         "skip", description="skip-and-count malformed records and missing images, or fail on the first"
     )
@@ -51,18 +64,18 @@ class DataParams(Section):
 class TinyModelParams(Section):
     """Architecture of the offline default: LLaVA = SigLIP vision tower + projector + Qwen2 LM."""
 
-    vocab_size: int = Field(400, ge=64)
-    hidden_size: int = Field(128, ge=8)
-    intermediate_size: int = Field(256, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    vision_hidden_size: int = Field(96, ge=8)
-    vision_intermediate_size: int = Field(192, ge=8)
-    vision_layers: int = Field(2, ge=1)
-    vision_heads: int = Field(2, ge=1)
-    patch_size: int = Field(16, ge=2)
-    max_positions: int = Field(256, ge=32)
+    vocab_size: Int = Field(400, ge=64)
+    hidden_size: Int = Field(128, ge=8)
+    intermediate_size: Int = Field(256, ge=8)
+    num_layers: Int = Field(4, ge=1)
+    num_heads: Int = Field(4, ge=1)
+    num_kv_heads: Int = Field(2, ge=1)
+    vision_hidden_size: Int = Field(96, ge=8)
+    vision_intermediate_size: Int = Field(192, ge=8)
+    vision_layers: Int = Field(2, ge=1)
+    vision_heads: Int = Field(2, ge=1)
+    patch_size: Int = Field(16, ge=2)
+    max_positions: Int = Field(256, ge=32)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelParams:
@@ -76,11 +89,11 @@ class TinyModelParams(Section):
 class PretrainParams(Section):
     """Pretraining of the tiny language model on backbone_text (stand-in for an instruct LLM)."""
 
-    max_steps: int = Field(800, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(3e-3, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
-    max_length: int = Field(160, ge=8, description="dynamic padding: only a cap on the longest record")
+    max_steps: Int = Field(800, ge=1)
+    batch_size: Int = Field(64, ge=1)
+    learning_rate: Float = Field(3e-3, gt=0)
+    warmup_ratio: Float = Field(0.05, ge=0, le=1)
+    max_length: Int = Field(160, ge=8, description="dynamic padding: only a cap on the longest record")
 
 
 class ModelParams(Section):
@@ -91,7 +104,7 @@ class ModelParams(Section):
     )
     vision_tower: str | None = Field(None, description="local SigLIP checkpoint (base: compose)")
     language_model: str | None = Field(None, description="local causal LM checkpoint (base: compose)")
-    vision_feature_layer: int = Field(-2, description="vision layer fed to the projector (base: compose)")
+    vision_feature_layer: Int = Field(-2, description="vision layer fed to the projector (base: compose)")
     family: Literal["auto", "llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"] = "auto"
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -107,9 +120,9 @@ class ModelParams(Section):
 
 class LoraParams(Section):
     enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: Int = Field(8, ge=1)
+    alpha: Int = Field(16, ge=1)
+    dropout: Float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -120,19 +133,19 @@ class StageTrainParams(Section):
     """One training stage; names follow transformers' TrainingArguments where they overlap."""
 
     trainable: list[TrainablePart] = ["projector"]
-    learning_rate: float = Field(1e-3, gt=0, description="language model (and default) learning rate")
-    projector_learning_rate: float | None = Field(None, gt=0)
-    vision_learning_rate: float | None = Field(None, gt=0)
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1, description="-1: run num_train_epochs")
-    per_device_train_batch_size: int = Field(32, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(128, ge=8)
+    learning_rate: Float = Field(1e-3, gt=0, description="language model (and default) learning rate")
+    projector_learning_rate: Float | None = Field(None, gt=0)
+    vision_learning_rate: Float | None = Field(None, gt=0)
+    num_train_epochs: Float = Field(1.0, gt=0)
+    max_steps: Int = Field(-1, ge=-1, description="-1: run num_train_epochs")
+    per_device_train_batch_size: Int = Field(32, ge=1)
+    gradient_accumulation_steps: Int = Field(1, ge=1)
+    max_length: Int = Field(128, ge=8)
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    text_ratio: float = Field(
+    warmup_ratio: Float = Field(0.03, ge=0, le=1)
+    weight_decay: Float = Field(0.0, ge=0)
+    max_grad_norm: Float = Field(1.0, gt=0)
+    text_ratio: Float = Field(
         0.5,
         ge=0,
         le=1,
@@ -142,11 +155,11 @@ class StageTrainParams(Section):
     gradient_checkpointing: bool = False
     bf16: Literal["auto", "true", "false"] = "auto"
     lora: LoraParams = LoraParams()
-    save_steps: int = Field(100, ge=1)
-    logging_steps: int = Field(10, ge=1)
-    seed: int = 0
+    save_steps: Int = Field(100, ge=1)
+    logging_steps: Int = Field(10, ge=1)
+    seed: Int = 0
     accelerate_config: str | None = Field(None, description="accelerate config file; launches under it")
-    num_processes: int = Field(1, ge=1)
+    num_processes: Int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _trains_something(self) -> StageTrainParams:
@@ -159,10 +172,10 @@ class TrainParams(Section):
     caption: StageTrainParams = StageTrainParams()
     text: StageTrainParams = StageTrainParams(trainable=["projector", "language_model"], learning_rate=3e-4)
     vit: StageTrainParams = StageTrainParams(trainable=["projector", "language_model"], learning_rate=3e-4)
-    caption_check: int = Field(
+    caption_check: Int = Field(
         100, ge=0, description="held-out calibration images captioned after each stage to measure perception"
     )
-    data_fraction: float = Field(
+    data_fraction: Float = Field(
         1.0,
         gt=0,
         le=1,
@@ -194,23 +207,36 @@ class TrainParams(Section):
 class CalibrationParams(Section):
     modes: list[Literal["additive", "replace"]] = ["additive", "replace"]
     positions: list[Literal["question", "text_prompt"]] = ["question"]
-    weights: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
-    layer_ranges: list[tuple[int, int]] | None = Field(
+    weights: list[Float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    layer_ranges: list[tuple[Int, Int]] | None = Field(
         None, description="[start, end) candidates; None: derived from the model's depth"
     )
-    budget: int = Field(60, ge=1, description="most configurations evaluated (coarse grid + refinement)")
-    batch_size: int = Field(32, ge=1)
+    budget: Int = Field(60, ge=1, description="most configurations evaluated (coarse grid + refinement)")
+    batch_size: Int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _search_space_is_not_empty(self) -> CalibrationParams:
+        for name in ("modes", "positions", "weights"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must list at least one value (the search would be empty)")
+        if self.layer_ranges is not None:
+            if not self.layer_ranges:
+                raise ValueError("layer_ranges must list at least one [start, end) range, or be null")
+            for index, (start, end) in enumerate(self.layer_ranges):
+                if start < 0 or end <= start:
+                    raise ValueError(f"layer_ranges[{index}] = [{start}, {end}]: need 0 <= start < end")
+        return self
 
 
 class FusionParams(Section):
     mode: Literal["additive", "replace"] = "additive"
     positions: Literal["question", "text_prompt"] = "question"
-    a: float = 0.0
-    b: float = 0.0
-    w_vis: float = 1.0
-    w_text: float = 0.0
-    layer_start: int = Field(0, ge=0)
-    layer_end: int | None = Field(None, ge=1, description="exclusive; None: the last decoder layer")
+    a: Float = 0.0
+    b: Float = 0.0
+    w_vis: Float = 1.0
+    w_text: Float = 0.0
+    layer_start: Int = Field(0, ge=0)
+    layer_end: Int | None = Field(None, ge=1, description="exclusive; None: the last decoder layer")
     calibrate: CalibrationParams = CalibrationParams()
 
     @model_validator(mode="after")
@@ -226,10 +252,10 @@ class JudgeParams(Section):
 
 
 class EvalParams(Section):
-    batch_size: int = Field(64, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
-    bootstrap_samples: int = Field(1000, ge=0)
-    seed: int = 0
+    batch_size: Int = Field(64, ge=1)
+    max_new_tokens: Int = Field(8, ge=1)
+    bootstrap_samples: Int = Field(1000, ge=0)
+    seed: Int = 0
     judge: JudgeParams = JudgeParams()
 
 
@@ -237,7 +263,7 @@ class RegistryParams(Section):
     model_name: str = Field("vift-shapetally", min_length=1)
     experiment: str = "vift"
     gate_metric: str = "vift_fused"
-    margin: float = Field(0.0, ge=0, description="champion moves only if accuracy beats it by more than this")
+    margin: Float = Field(0.0, ge=0, description="champion moves only if accuracy beats it by more than this")
 
 
 class StorageParams(Section):
@@ -256,10 +282,10 @@ class StorageParams(Section):
 class Params(BaseModel):
     """The whole parameter file."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT
 
     preset: str = "custom"
-    seed: int = 0
+    seed: Int = 0
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()

@@ -25,6 +25,16 @@ from vift.io import atomic_directory, atomic_write_json
 TRAIN_SPLITS = ("backbone_text", "captions", "text_instructions", "visual_instructions")
 EVAL_SPLITS = ("calibration", "test")
 SPLITS = TRAIN_SPLITS + EVAL_SPLITS
+# Each split's role decides whether its records carry images. Enforced at validation: text
+# instructions made of image records would silently turn ViFT into visual instruction tuning.
+SPLIT_HAS_IMAGES = {
+    "backbone_text": False,
+    "captions": True,
+    "text_instructions": False,
+    "visual_instructions": True,
+    "calibration": True,
+    "test": True,
+}
 
 
 def training_corpus(root: Path) -> Iterator[str]:

@@ -30,6 +30,9 @@ from vift.errors import UserError
 
 IMAGE_TOKEN = "<image>"
 Policy = Literal["skip", "fail"]
+# Pixels one image may have. Real VQA images are a few megapixels; a larger header is a
+# decompression bomb until proven otherwise (PIL's own limit, ~89 MP, only warns below 179 MP).
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class Turn(BaseModel):
@@ -102,14 +105,23 @@ class LoadReport:
         return len(self.problems)
 
 
+def _decode_problem(error: Exception) -> str:
+    """A JSON value the standard library refuses, in words."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"malformed JSON: {error.msg} (column {error.colno})"
+    if isinstance(error, RecursionError):
+        return "JSON nested too deeply"
+    return f"unreadable JSON value: {error}"  # ValueError: e.g. an integer over 4,300 digits
+
+
 def _iter_jsonl(handle, path: Path) -> Iterator[tuple[int, Any, str | None]]:
     for line_no, line in enumerate(handle, start=1):
         if not line.strip():
             continue
         try:
             yield line_no, json.loads(line), None
-        except json.JSONDecodeError as error:
-            yield line_no, None, f"malformed JSON: {error.msg} (column {error.colno})"
+        except (ValueError, RecursionError) as error:
+            yield line_no, None, _decode_problem(error)
 
 
 def _iter_json_array(handle, path: Path, chunk_size: int = 1 << 16) -> Iterator[tuple[int, Any, str | None]]:
@@ -155,6 +167,9 @@ def _iter_json_array(handle, path: Path, chunk_size: int = 1 << 16) -> Iterator[
                 if not fill():
                     yield line, None, f"malformed JSON: {error.msg}; the records after it were not read"
                     return
+            except (ValueError, RecursionError) as error:
+                yield line, None, f"{_decode_problem(error)}; the records after it were not read"
+                return
         yield line, value, None
         line += buffer[:end].count("\n")
         buffer = buffer[end:]
@@ -164,17 +179,23 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(line, value, problem)`` for every record of a JSONL or JSON-array file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: manifest not found")
+        raise UserError(f"{path}: manifest not found (or not a regular file)", exit_code=2)
     with open(path, encoding="utf-8") as handle:
-        first = ""
-        while not first:
-            char = handle.read(1)
-            if not char:
-                return
-            first = char.strip()
-        handle.seek(0)
-        reader = _iter_json_array if first == "[" else _iter_jsonl
-        yield from reader(handle, path)
+        try:
+            first = ""
+            while not first:
+                char = handle.read(1)
+                if not char:
+                    return
+                first = char.strip()
+            handle.seek(0)
+            reader = _iter_json_array if first == "[" else _iter_jsonl
+            yield from reader(handle, path)
+        except UnicodeDecodeError as error:
+            raise UserError(
+                f"{path}: not UTF-8 text (a byte at or after offset {error.start} of a read chunk): save manifests as UTF-8",
+                exit_code=2,
+            ) from None
 
 
 def resolve_image(image_root: Path, relative: str) -> Path:
@@ -190,14 +211,37 @@ def resolve_image(image_root: Path, relative: str) -> Path:
     return candidate
 
 
-def check_image(path: Path) -> str | None:
-    """None if ``path`` is a readable image, else the problem in words."""
-    if not path.is_file():
-        return f"image not found: {path}"
+def _is_regular_file(path: Path) -> bool:
     try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
+def image_problem(image: Image.Image) -> str | None:
+    """None if an opened (not yet decoded) image is small enough to decode, else why not."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        return f"image has no pixels ({width}x{height})"
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"image is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit (a decompression bomb?)"
+    return None
+
+
+def check_image(path: Path) -> str | None:
+    """None if ``path`` is a readable image, else the problem in words.
+
+    The pixels are decoded, not only the header: a valid header over corrupt or truncated data
+    must fail here, at validation, not later inside a training stage.
+    """
+    try:
+        if not _is_regular_file(path):
+            return f"image not found (or not a regular file): {path}"
         with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            if problem := image_problem(image):
+                return f"{path}: {problem}"
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return f"image unreadable or corrupt: {path} ({error})"
     return None
 
@@ -223,6 +267,7 @@ class Manifest:
         image_root: str | Path | None = None,
         policy: Policy = "skip",
         check_images: bool = True,
+        image_required: bool | None = None,
     ):
         if kind not in RECORD_TYPES:
             raise ValueError(f"unknown manifest kind {kind!r}")
@@ -231,6 +276,7 @@ class Manifest:
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.policy = policy
         self.check_images = check_images
+        self.image_required = image_required  # True: every record has an image; False: none may; None: either
         self.report = LoadReport(self.path)
 
     def _problem(self, line: int, message: str) -> None:
@@ -254,6 +300,10 @@ class Manifest:
             except ValidationError as error:
                 self._problem(line, f"invalid record: {_describe_validation_error(error)}")
                 continue
+            if self.image_required is not None and (record.image is not None) != self.image_required:
+                role = "needs an image" if self.image_required else "must not have an image"
+                self._problem(line, f"record {record.id!r}: every record of this split {role}")
+                continue
             if record.image is not None:
                 try:
                     image_path = resolve_image(self.image_root, record.image)
@@ -271,3 +321,46 @@ class Manifest:
             raise ValueError(f"record {record.id} has no image")
         return resolve_image(self.image_root, record.image)
 
+
+def referenced_files(directory: Path, manifests: list[str]) -> tuple[list[str], list[str]]:
+    """What a folder of manifests really consists of: ``(files, problems)``.
+
+    ``files`` are the relative paths of ``manifests`` and of every image their records name that
+    exists as a regular file. ``problems`` name each of them whose *resolved* path (symlinks
+    followed) leaves ``directory``: a link out of the folder is refused, however the lexical
+    path looks, because copying it would carry a file of this host into the data and its remote.
+    """
+    root = Path(directory).resolve()
+    files: list[str] = []
+    problems: list[str] = []
+
+    seen: set[str] = set()
+
+    def admit(relative: str, where: str) -> bool:
+        path = root / relative
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python 3.11)
+            problems.append(f"{where}: {relative}: cannot be resolved ({error})")
+            return False
+        if not real.is_relative_to(root):
+            problems.append(f"{where}: {relative} links outside {directory}: copy the file into the folder")
+            return False
+        if _is_regular_file(path) and relative not in seen:
+            seen.add(relative)
+            files.append(relative)
+        return True
+
+    for name in manifests:
+        if not admit(name, str(directory)):
+            continue
+        for line, raw, _ in iter_raw_records(root / name):
+            image = raw.get("image") if isinstance(raw, dict) else None
+            if not isinstance(image, str):
+                continue
+            try:
+                relative = resolve_image(root, image).relative_to(root).as_posix()
+            except (ValueError, OSError):
+                continue  # validation reports paths that escape lexically
+            admit(relative, f"{Path(directory) / name}:{line}")
+    return files, problems

@@ -17,7 +17,7 @@ from vift.fusion.method import FusionSpec, fused_generate
 
 def load_vqa(path: str | Path, image_root: str | Path, policy: str = "skip", limit: int | None = None) -> list[VQARecord]:
     records = []
-    for record in Manifest(path, "vqa", image_root, policy):
+    for record in Manifest(path, "vqa", image_root, policy, image_required=True):
         records.append(record)
         if limit is not None and len(records) >= limit:
             break

@@ -7,8 +7,10 @@ Artifacts (copied into the MLflow model, so it is self-contained):
 - ``processor``: only when the processor lives in another directory;
 - ``fusion``: ``fusion.json`` from the ``calibrate`` stage (``{"fusion": {...}, ...}``).
 
-``predict`` takes a DataFrame with columns ``image`` and ``question``; an image is a file path, raw
-bytes, a base64 string (optionally a ``data:image/...;base64,`` URI) or a PIL image. Params:
+``predict`` takes a DataFrame with columns ``image`` and ``question``; an image is raw bytes, a
+base64 string (optionally a ``data:image/...;base64,`` URI) or a PIL image; a file path only under
+the server's ``VIFT_SERVE_IMAGE_ROOT`` (requests are data, not paths on the serving host). Limits
+per request: rows, image bytes and pixels, question tokens, ``max_new_tokens`` (constants below). Params:
 ``fusion`` (bool, default true: the calibrated fusion; false: the plain model) and
 ``max_new_tokens`` (int). It returns one answer string per row, computed by
 :func:`vift.fusion.method.fused_generate` — the same function the evaluation uses.
@@ -42,57 +44,115 @@ INPUT_COLUMNS = ("image", "question")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
+IMAGE_ROOT_ENV = "VIFT_SERVE_IMAGE_ROOT"
+# Limits on one request. A request is data from a client: it must not be able to hold the
+# (single-worker) server for minutes or exhaust its memory.
+MAX_ROWS = 64
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_QUESTION_TOKENS = 512
+MAX_NEW_TOKENS_LIMIT = 256
+
+
 def _invalid(message: str):
     from mlflow.exceptions import MlflowException
 
     return MlflowException.invalid_parameter_value(message)
 
 
-def _is_file(text: str) -> bool:
-    if len(text) >= 4096:
-        return False
+def _allowed_file(text: str, root: Path) -> Path | None:
+    """``text`` as a regular file whose resolved path lies under ``root``; None otherwise."""
+    if len(text) >= 4096 or "\0" in text:
+        return None
     try:
-        return Path(text).is_file()
-    except (OSError, ValueError):  # a base64 string can be "a file name too long"
-        return False
+        candidate = (root / text).resolve()
+        if candidate.is_relative_to(root) and candidate.is_file():
+            return candidate
+    except (OSError, ValueError, RuntimeError):
+        pass
+    return None
 
 
-def decode_image(value: Any, row: int = 0):
-    """A PIL RGB image from a path, bytes, base64 text (or data URI) or a PIL image."""
+def _image_root() -> Path | None:
+    root = os.environ.get(IMAGE_ROOT_ENV)
+    return Path(root).resolve() if root else None
+
+
+def decode_image(value: Any, row: int = 0, image_root: Path | None = None):
+    """A PIL RGB image from bytes, base64 text (or a data URI) or a PIL image.
+
+    A string is read as a file path only when ``image_root`` is given (the server's
+    ``VIFT_SERVE_IMAGE_ROOT``), and only if it resolves to a file under that root: a request is
+    data, never a path on the serving host. Absent and not-allowed paths get one and the same
+    error, so the server is no oracle for which files exist.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    from vift.data.manifests import image_problem
+
     if isinstance(value, Image.Image):
+        if problem := image_problem(value):
+            raise _invalid(f"row {row}: {problem}")
         return value.convert("RGB")
     data: bytes | None = None
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
-    elif isinstance(value, os.PathLike):
-        value = os.fspath(value)
     described = None
     if data is None and isinstance(value, str):
         text = value.strip()
+        if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+            raise _invalid(f"row {row}: image is over the {MAX_IMAGE_BYTES // (1024 * 1024)} MiB limit")
         described = text[:60]
         if text.startswith("data:") and "," in text:
             text = text.split(",", 1)[1]
-        elif _is_file(text):
-            data = Path(text).read_bytes()
-            described = None
-        if data is None:
-            try:
-                data = base64.b64decode("".join(text.split()), validate=True)
-            except (binascii.Error, ValueError):
-                data = b""
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            data = None
+        if image_root is not None and not _looks_like_image(data):
+            path = _allowed_file(text, image_root)
+            if path is None:
+                raise _invalid(f"row {row}: image {described!r} is not base64 image data nor an image under the allowed root")
+            if path.stat().st_size > MAX_IMAGE_BYTES:
+                raise _invalid(f"row {row}: image is over the {MAX_IMAGE_BYTES // (1024 * 1024)} MiB limit")
+            data = path.read_bytes()
     if data is None:
-        raise _invalid(f"row {row}: image must be a path, bytes or a base64 string, not {type(value).__name__}")
+        if isinstance(value, str):
+            raise _invalid(
+                f"row {row}: image {described!r} is not base64-encoded image data (send the image's bytes as base64 "
+                f"or a data: URI; file paths are read only by a server started with {IMAGE_ROOT_ENV})"
+            )
+        raise _invalid(f"row {row}: image must be bytes or a base64 string, not {type(value).__name__}")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _invalid(f"row {row}: image is over the {MAX_IMAGE_BYTES // (1024 * 1024)} MiB limit")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if problem := image_problem(image):
+                raise _invalid(f"row {row}: {problem}")
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        if described is not None:
-            raise _invalid(
-                f"row {row}: image {described!r} is neither an existing file nor base64-encoded image data"
-            ) from None
-        raise _invalid(f"row {row}: image data is not a readable image ({error})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise _invalid(f"row {row}: image data is not a readable image ({type(error).__name__})") from None
+
+
+def _looks_like_image(data: bytes | None) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
+def _question(value: Any, row: int) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        raise _invalid(f"row {row}: question is missing")
+    if not isinstance(value, str):
+        raise _invalid(f"row {row}: question must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise _invalid(f"row {row}: question is empty")
+    return value
 
 
 def _as_frame(model_input) -> pd.DataFrame:
@@ -151,21 +211,52 @@ class ViftModel(mlflow.pyfunc.PythonModel):
         self._lock = threading.Lock()  # fusion hooks live on the shared model: one generation at a time
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+        try:
+            return self._predict(model_input, dict(params or {}))
+        except MlflowException:
+            raise
+        except Exception as error:  # noqa: BLE001 - a client gets a message, never a stack trace
+            raise MlflowException(f"prediction failed ({type(error).__name__}); see the server's log", INTERNAL_ERROR) from error
+
+    def _predict(self, model_input, params: dict) -> list[str]:
         from vift.fusion.method import fused_generate
 
-        params = dict(params or {})
         frame = _as_frame(model_input)
-        images = [decode_image(value, row) for row, value in enumerate(frame["image"])]
-        questions = [str(q) for q in frame["question"]]
+        if len(frame) > MAX_ROWS:
+            raise _invalid(f"{len(frame)} rows in one request; at most {MAX_ROWS} (split the request)")
+        questions = [_question(q, row) for row, q in enumerate(frame["question"])]
+        self._check_question_lengths(questions)
+        root = _image_root()
+        images = [decode_image(value, row, root) for row, value in enumerate(frame["image"])]
         fusion = self.fusion if _truthy(params.get("fusion", True)) else None
-        max_new_tokens = int(params.get("max_new_tokens") or self.max_new_tokens)
-        if max_new_tokens < 1:
-            raise _invalid("max_new_tokens must be at least 1")
+        max_new_tokens = _max_new_tokens(params.get("max_new_tokens"), self.max_new_tokens)
         lock = getattr(self, "_lock", None) or threading.Lock()
         with lock:
             return fused_generate(
                 self.model, self.processor, images, questions, fusion, batch_size=self.batch_size, max_new_tokens=max_new_tokens
             )
+
+    def _check_question_lengths(self, questions: list[str]) -> None:
+        for row, question in enumerate(questions):
+            # Tokens are at least one character each in practice; refuse absurd text before tokenizing it.
+            if len(question) > MAX_QUESTION_TOKENS * 16:
+                raise _invalid(f"row {row}: question has {len(question):,} characters; at most {MAX_QUESTION_TOKENS} tokens")
+            tokens = len(self.processor.tokenizer(question, add_special_tokens=False)["input_ids"])
+            if tokens > MAX_QUESTION_TOKENS:
+                raise _invalid(f"row {row}: question has {tokens} tokens; at most {MAX_QUESTION_TOKENS}")
+
+
+def _max_new_tokens(value: Any, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise _invalid(f"max_new_tokens must be an integer, not {value!r}")
+    if not 1 <= int(value) <= MAX_NEW_TOKENS_LIMIT:
+        raise _invalid(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, not {int(value)}")
+    return int(value)
 
 
 def _truthy(value: Any) -> bool:

@@ -80,11 +80,11 @@ def _now() -> str:
 
 
 def _warn(message: str) -> None:
-    print(f"vift: warning: {message}", file=sys.stderr)
+    print(f"vift: warning: {redact_text(message)}", file=sys.stderr)
 
 
 def _info(message: str) -> None:
-    print(f"vift: {message}", file=sys.stderr)
+    print(f"vift: {redact_text(message)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +132,9 @@ def retry_budget(environ: Mapping[str, str] | None = None) -> tuple[int, float]:
 # --------------------------------------------------------------------------------------------
 # The tracking server: reachability, clear errors
 # --------------------------------------------------------------------------------------------
+
+
+QUIET_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def redact(uri: str) -> str:
@@ -203,8 +206,16 @@ def check_reachable(uri: str, attempts: int | None = None, backoff: float | None
     raise UserError(unreachable_message(uri, detail, attempts))
 
 
+_CREDENTIALS_IN_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every ``scheme://user:password@`` turned into ``scheme://***@``."""
+    return _CREDENTIALS_IN_URL.sub(r"\g<scheme>***@", text)
+
+
 def _short(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
+    text = redact_text(" ".join(str(error).split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -253,17 +264,25 @@ def guard(uri: str, action: str) -> Iterator[None]:
 def using_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for the block, then restore what was there.
 
-    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI; both are put back.
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI; both are put back. A URI with
+    credentials also silences MLflow's "View run at <uri>" lines, which would print the password.
     """
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     previous = getattr(tracking_utils, "_tracking_uri", None)
+    previous_quiet = os.environ.get(QUIET_URLS)
+    if redact(uri) != uri:
+        os.environ[QUIET_URLS] = "true"
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
+        if previous_quiet is None:
+            os.environ.pop(QUIET_URLS, None)
+        else:
+            os.environ[QUIET_URLS] = previous_quiet
         mlflow.set_tracking_uri(previous)
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -617,7 +636,7 @@ def new_run_reason(state: dict | None, stage: str, uri: str, experiment: str, ph
     """
     if state is None:
         return "no MLflow run recorded in this workspace"
-    if state.get("tracking_uri") != uri or state.get("experiment") != experiment:
+    if state.get("tracking_uri") != redact(uri) or state.get("experiment") != experiment:
         return "the recorded run belongs to another tracking URI or experiment"
     if state.get("params_hash") != phash:
         return "parameters changed since the recorded run"
@@ -772,7 +791,7 @@ def open_run(stage: str, params, workspace: Path, uri: str) -> StageRun:
     record = WorkspaceRun(workspace)
     with guard(uri, "open the pipeline's run"), record.locked():
         state = record.load()
-        run = _get_run(client, state["run_id"]) if state and state.get("tracking_uri") == uri else None
+        run = _get_run(client, state["run_id"]) if state and state.get("tracking_uri") == redact(uri) else None
         reason = new_run_reason(state, stage, uri, experiment, phash, run)
         if reason is None:
             run_id, experiment_id, new = state["run_id"], state["experiment_id"], False
@@ -785,7 +804,7 @@ def open_run(stage: str, params, workspace: Path, uri: str) -> StageRun:
                 "run_id": run_id,
                 "experiment_id": experiment_id,
                 "experiment": experiment,
-                "tracking_uri": uri,
+                "tracking_uri": redact(uri),  # the record never holds credentials
                 "params_hash": phash,
                 "started_at": _now(),
                 "started_by": stage,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from vift import paths
 from vift.config.schema import Params
-from vift.data.generate import EVAL_SPLITS, SPLITS, file_sha256, generate_shapetally
-from vift.data.manifests import Manifest
+from vift.data.generate import EVAL_SPLITS, SPLIT_HAS_IMAGES, SPLITS, file_sha256, generate_shapetally
+from vift.data.manifests import Manifest, referenced_files
 from vift.errors import UserError
 from vift.io import atomic_directory, atomic_write_json
 
@@ -20,11 +20,42 @@ def validate_splits(directory: Path, policy: str) -> dict[str, dict]:
         path = directory / f"{split}.jsonl"
         if not path.exists():
             continue
-        manifest = Manifest(path, "vqa" if split in EVAL_SPLITS else "conversation", directory, policy)
+        kind = "vqa" if split in EVAL_SPLITS else "conversation"
+        manifest = Manifest(path, kind, directory, policy, image_required=SPLIT_HAS_IMAGES[split])
         for _ in manifest:
             pass
         result[split] = {"loaded": manifest.report.loaded, "skipped": manifest.report.skipped, "problems": manifest.report.problems[:20]}
     return result
+
+
+def refuse_empty_splits(directory: Path, checked: dict[str, dict]) -> None:
+    """A split that is present but has no valid record is an error, not a 0 % row with n = 0."""
+    empty = []
+    for split, counts in checked.items():
+        if counts["loaded"]:
+            continue
+        why = f"all {counts['skipped']} record(s) invalid, e.g. {counts['problems'][0]}" if counts["skipped"] else "no records"
+        empty.append(f"{directory / f'{split}.jsonl'}: {why}")
+    if empty:
+        raise UserError("\n".join(empty) + "\nfix the records, or remove the manifests of splits you do not provide", exit_code=2)
+
+
+def check_references(source: Path) -> list[str]:
+    """The files of ``source`` the split manifests reference (manifests first); links out of it refused."""
+    manifests = [f"{s}.jsonl" for s in SPLITS if (source / f"{s}.jsonl").exists()]
+    files, problems = referenced_files(source, manifests)
+    if problems:
+        shown = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise UserError(f"{shown}\nnothing was imported: files must lie inside the folder, not link out of it", exit_code=2)
+    return files
+
+
+def copy_references(source: Path, files: list[str], target: Path) -> None:
+    """Copy ``files`` (relative to ``source``) into ``target``: contents, never links or other files."""
+    for relative in files:
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / relative, destination)
 
 
 def import_manifests(source: Path, policy: str) -> dict:
@@ -37,9 +68,11 @@ def import_manifests(source: Path, policy: str) -> dict:
     found = [s for s in SPLITS if (source / f"{s}.jsonl").is_file()]
     if not found:
         raise UserError(f"data.import_dir: {source} holds none of {', '.join(f'{s}.jsonl' for s in SPLITS)}")
+    files = check_references(source)
     with atomic_directory(paths.DATA_DIR) as tmp:
         checked = validate_splits(source, policy)
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        refuse_empty_splits(source, checked)
+        copy_references(source, files, tmp)
         summary = {
             "world": "import",
             "source": str(source),

@@ -6,8 +6,9 @@ What it does, in order (nothing is written unless every step before it passed):
    :data:`vift.data.generate.SPLITS`) and validates every record and image with the same loaders
    and the same :func:`vift.stages.data.validate_splits` the ``data`` stage uses: problems are
    ``file:line: problem``, exit code 2;
-2. copies ``DIR`` (symlinks followed, so the copy is self-contained) to
-   ``data/imported/<content digest>/``: the same content always lands in the same folder;
+2. copies the manifests and the images their records name (nothing else; contents, not links;
+   a link that resolves outside ``DIR`` is refused) to ``data/imported/<content digest>/``: the
+   same content always lands in the same folder;
 3. sets ``data.source: import`` and ``data.import_dir: data/imported/<digest>`` in the parameters
    file. ``dvc repro`` then reruns the ``data`` stage (its ``data`` params changed), which copies
    the import into ``data/benchmark``: a DVC output, cached, and pushed with ``vift storage push``.
@@ -29,7 +30,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vift import paths
 from vift.errors import UserError
+from vift.io import file_lock
 
 IMPORT_ROOT = Path("data") / "imported"
 IGNORED = (".git", ".dvc", "__pycache__", ".DS_Store", ".ipynb_checkpoints")
@@ -60,14 +63,12 @@ def tree_digest(root: Path) -> str:
 
 
 def _validate(source: Path, bad_records: str) -> tuple[dict[str, int], int]:
-    from vift.stages.data import validate_splits
+    from vift.stages.data import refuse_empty_splits, validate_splits
 
     checked = validate_splits(source, "skip")  # collect every problem, then decide
     problems = [p for split in checked.values() for p in split["problems"]]
     total = sum(split["skipped"] for split in checked.values())
-    empty = [f"{source / f'{split}.jsonl'}: no records" for split, v in checked.items() if v["loaded"] == 0 and not v["skipped"]]
-    if empty:
-        raise UserError("\n".join(empty) + "\nremove the empty manifests or fill them", exit_code=2)
+    refuse_empty_splits(source, checked)
     if total and bad_records == "fail":
         shown = "\n".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f"\n... and {total - min(len(problems), MAX_PROBLEMS_SHOWN)} more" if total > MAX_PROBLEMS_SHOWN else ""
@@ -79,54 +80,67 @@ def _validate(source: Path, bad_records: str) -> tuple[dict[str, int], int]:
     return {split: v["loaded"] for split, v in checked.items()}, total
 
 
+def _remove_orphans() -> None:
+    """Temporary folders left by an import that was killed (called with the import lock held)."""
+    for orphan in IMPORT_ROOT.glob(".import-*.tmp"):
+        shutil.rmtree(orphan, ignore_errors=True)
+
+
 def import_dataset(source: str | Path, params_file: str | Path, bad_records: str = "fail") -> ImportResult:
-    """Validate ``source``, copy it under ``data/imported/<digest>``, point the parameters at it."""
+    """Validate ``source``, copy what its manifests reference under ``data/imported/<digest>``, point the parameters at it."""
     from vift.config import apply_overrides, load_params, write_params
     from vift.data.generate import SPLITS
+    from vift.stages.data import check_references, copy_references
 
     source = Path(source)
     if not source.is_dir():
         raise UserError(f"{source}: not a directory (give the folder that holds the <split>.jsonl manifests)", exit_code=2)
-    found = [s for s in SPLITS if (source / f"{s}.jsonl").is_file()]
+    found = [s for s in SPLITS if (source / f"{s}.jsonl").exists()]
     if not found:
         raise UserError(
             f"{source}: holds none of {', '.join(f'{s}.jsonl' for s in SPLITS)} "
             "(training splits: LLaVA conversation records; calibration/test: VQA records; see README 'Manifests')",
             exit_code=2,
         )
-    params = load_params(params_file)  # a missing or invalid params file fails before anything is copied
+    load_params(params_file)  # a missing or invalid params file fails before anything is copied
+    files = check_references(source)
     warnings = [
-        f"{p}: not a split manifest, copied but not loaded (manifests are <split>.jsonl, splits: {', '.join(SPLITS)})"
+        f"{p}: not a split manifest, not imported (manifests are <split>.jsonl, splits: {', '.join(SPLITS)})"
         for p in sorted(source.glob("*.json*"))
         if p.is_file() and not (p.suffix == ".jsonl" and p.stem in SPLITS) and p.name != "summary.json"
     ]
     sizes, skipped = _validate(source, bad_records)
 
     IMPORT_ROOT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=IMPORT_ROOT, prefix=".import-", suffix=".tmp"))
-    created: Path | None = None
-    try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*IGNORED))
-        digest = tree_digest(tmp)
-        target = IMPORT_ROOT / digest
-        reused = target.is_dir()
-        if reused:
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-            created = target
-        overrides: dict = {"data.source": "import", "data.import_dir": target.as_posix()}
-        if bad_records == "skip":
-            overrides["data.bad_records"] = "skip"
-        updated = apply_overrides(params, overrides)
-        unchanged = updated == params
-        if not unchanged:
-            write_params(updated, params_file)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+    # One import at a time per workspace: concurrent imports would each read the parameters file
+    # and the last writer would drop the others' update.
+    with file_lock(paths.IMPORT_LOCK):
+        _remove_orphans()
+        tmp = Path(tempfile.mkdtemp(dir=IMPORT_ROOT, prefix=".import-", suffix=".tmp"))
+        created: Path | None = None
+        try:
+            copy_references(source, files, tmp)
+            digest = tree_digest(tmp)
+            target = IMPORT_ROOT / digest
+            reused = target.is_dir()
+            if reused:
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, target)
+                created = target
+            params = load_params(params_file)
+            overrides: dict = {"data.source": "import", "data.import_dir": target.as_posix()}
+            if bad_records == "skip":
+                overrides["data.bad_records"] = "skip"
+            updated = apply_overrides(params, overrides)
+            unchanged = updated == params
+            if not unchanged:
+                write_params(updated, params_file)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
     missing = [s for s in SPLITS if s not in found]
     return ImportResult(target, digest, sizes, missing, skipped, unchanged, reused, warnings)
 
@@ -157,7 +171,7 @@ def add_commands(sub, add_params_option) -> None:
         description="DIR holds <split>.jsonl manifests (backbone_text, captions, text_instructions, "
         "visual_instructions: LLaVA conversation records; calibration, test: VQA records) and the images they "
         "reference (paths relative to DIR). Invalid records are reported as file:line (exit 2) and nothing is "
-        "written. On success DIR is copied to data/imported/<content digest>/ and the params file gets "
+        "written. On success the manifests and the images they reference (nothing else; links out of DIR are refused) are copied to data/imported/<content digest>/ and the params file gets "
         "data.source: import and data.import_dir; run `dvc repro` next. See docs/STORAGE.md.",
     )
     imp.add_argument("directory", help="folder with the manifests and images")
