@@ -340,7 +340,7 @@ def referenced_files(directory: Path, manifests: list[str]) -> tuple[list[str], 
         path = root / relative
         try:
             real = path.resolve()
-        except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python 3.11)
+        except (OSError, RuntimeError, ValueError) as error:  # RuntimeError: a symlink loop; ValueError: a NUL byte
             problems.append(f"{where}: {relative}: cannot be resolved ({error})")
             return False
         if not real.is_relative_to(root):
