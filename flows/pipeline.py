@@ -40,7 +40,10 @@ class PipelineParameters(BaseModel):
 
     preset: str = Field("tiny", description="params/presets/<preset>.yaml")
     overrides: dict[str, Any] = Field(default_factory=dict, description='dotted keys, e.g. {"train.text.learning_rate": 1e-4}')
-    isolate: bool = Field(False, description="run in an own workspace under .vift/runs/ (for concurrent runs)")
+    # True by default: Prefect merges a run's parameters with the deployment's only at the top
+    # level, so a client sending {"parameters": {"preset": "ci"}} gets these defaults, and must
+    # never rewrite the serving checkout. `vift flow run` passes its --isolate flag explicitly.
+    isolate: bool = Field(True, description="run in an own workspace under .vift/runs/ (false: in the checkout itself)")
     push: bool = Field(False, description="dvc push the outputs at the end")
     workspace: str = Field(".", description="the repository to run in (or to copy for isolated runs)")
     stop_after: StageName = Field("register", description="the last stage to run (the sweep stops after evaluate)")
@@ -155,7 +158,7 @@ def publish_artifacts(workspace: str) -> dict:
         decision = json.loads(registration.read_text())
         published["registration"] = decision
         create_markdown_artifact(key="registration", markdown="```json\n" + json.dumps(decision, indent=2) + "\n```", description="registry decision")
-        link = decision.get("run_url") or decision.get("model_url")
+        link = decision.get("run_url")  # None for the embedded sqlite store: no UI to link to
         if link:
             create_link_artifact(key="mlflow-run", link=link, description="MLflow run")
     return published

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows.pipeline import STAGES, PipelineParameters
@@ -84,3 +86,18 @@ def test_sweep_points_are_isolated_pipelines_that_stop_after_evaluate():
 def test_invalid_sweeps_are_rejected_before_any_work(fields, message):
     with pytest.raises(ValueError, match=message):
         SweepParameters(preset="ci", **fields)
+
+
+def test_a_partial_parameters_object_from_a_client_still_runs_isolated():
+    # Prefect merges a run's parameters with the deployment's only at the top level: a REST client
+    # sending {"parameters": {"preset": "ci"}} replaces the deployment's whole object. Before, that
+    # lost isolate: true and the run rewrote the serving checkout's params.yaml and dvc.lock.
+    assert PipelineParameters.model_validate({"preset": "ci"}).isolate is True
+
+
+def test_the_register_output_survives_a_forced_rerun_that_fails():
+    import yaml
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    assert {"reports/registration.json": {"persist": True}} in stages["register"]["outs"]
+

@@ -296,6 +296,10 @@ def test_unreachable_server_is_a_clear_user_error_and_other_stages_still_run(ci_
 
 def test_credentials_are_not_shown_and_dvc_lock_hashes_become_tags(tmp_path):
     assert tracking.redact("https://alice:s3cret@mlflow.example.com:5000") == "https://***@mlflow.example.com:5000"
+    assert (
+        tracking.run_link("https://alice:s3cret@mlflow.example.com:5000/mlflow/", "7", "abc")
+        == "https://mlflow.example.com:5000/mlflow/#/experiments/7/runs/abc"
+    )
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  data:\n    cmd: vift stage data\n    outs:\n    - path: data/benchmark\n"
         "      hash: md5\n      md5: abc.dir\n    - path: reports/data.json\n      md5: zzz\n  calibrate:\n"
@@ -348,9 +352,13 @@ def test_register_gate_and_idempotency(ci_params, ci_data, saved_model, items, e
     v1 = client.get_model_version(name, "1")
     assert v1.tags["vift.run_id"] == first["run_id"] and v1.tags["accuracy.vift_fused"] == "0.5"
 
-    # The registered model answers like fused_generate, and params switch fusion off.
+    # The registered model answers like fused_generate, and params switch fusion off. It is
+    # models-from-code: it loads with pickle deserialization forbidden, and no pickle is stored.
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    frame = pd.DataFrame({"image": [str(p) for p in items[0]], "question": items[1]})
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
+    assert not list(local.rglob("*.pkl")) and (local / "served_model.py").is_file()
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in items[0]], "question": items[1]})
     assert model.predict(frame, params={"max_new_tokens": MAX_NEW_TOKENS}) == expected["fused"]
     assert model.predict(frame, params={"fusion": False, "max_new_tokens": MAX_NEW_TOKENS}) == expected["plain"]
     assert model.metadata.get_params_schema().to_dict()[0]["name"] in {"fusion", "max_new_tokens"}
@@ -358,6 +366,10 @@ def test_register_gate_and_idempotency(ci_params, ci_data, saved_model, items, e
     # Re-running register for the same run registers nothing.
     again = register(workspace)
     assert again["action"] == "already_registered" and again["version"] == "1" and again["aliases_moved"] == []
+    # ... and reports the gate decided at registration, details included (not a generic stub).
+    assert again["gate"]["reason"] == f"decided when this version was registered: {first['gate']['reason']}"
+    assert again["gate"]["champion_version_before"] == first["gate"]["champion_version_before"]
+    assert first["run_url"] is None  # the embedded sqlite store has no UI to link to
     assert versions() == [1]
 
     # The next pipeline run (here: evaluate re-runs) scores worse: candidate only.
@@ -477,11 +489,17 @@ def test_registered_on_a_server_pulled_by_a_fresh_process_and_served(
     import requests
 
     name = "vift-e2e"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    # A password in the tracking URI (the server ignores it) must reach no output and no record.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri.replace("http://", "http://alice:hunter2@"))
     workspace = make_workspace(tmp_path / "ws", saved_model, ci_data, params_for(ci_params, name), accuracy=0.55)
     monkeypatch.chdir(workspace)
+    capsys.readouterr()
     report = register(workspace)
     assert report["version"] == "1" and report["aliases"]["champion"] == "1"
+    printed = capsys.readouterr()
+    records = [(workspace / ".vift" / "mlflow_run.json").read_text(), (workspace / "reports" / "registration.json").read_text()]
+    assert "hunter2" not in printed.out + printed.err + "".join(records)
+    assert report["run_url"].startswith(f"{mlflow_server.uri}/#/experiments/")
     keys = [o["Key"] for o in mlflow_server.s3.list_objects_v2(Bucket=mlflow_server.bucket).get("Contents", [])]
     assert any(k.endswith("model.safetensors") for k in keys), "artifacts should be proxied to S3"
     monkeypatch.chdir(tmp_path)
@@ -529,6 +547,17 @@ def test_registered_on_a_server_pulled_by_a_fresh_process_and_served(
         )
         assert response.status_code == 200, response.text
         assert response.json()["predictions"] == expected["fused_one"]
+
+        # Requests are data: a host path is refused like any non-image string, an over-long
+        # question before it is tokenized; HTTP 400, no stack trace in the body.
+        for image_field, question in (("/etc/hostname", items[1][0]), (image, "x" * 100_000)):
+            refused = requests.post(
+                f"http://127.0.0.1:{port}/invocations",
+                json={"dataframe_split": {"columns": ["image", "question"], "data": [[image_field, question]]}},
+                timeout=60,
+            )
+            assert refused.status_code == 400, refused.text[:500]
+            assert "stack_trace" not in refused.text and "Traceback" not in refused.text
     finally:
         stop(serve)
 

@@ -31,7 +31,9 @@ def _offline_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from vift.registry.tracking import QUIET_URLS, redact
+    from vift.settings import bound_mlflow_http
 
+    bound_mlflow_http()
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if redact(uri) != uri:  # MLflow would print "View run at <uri>", password included
         os.environ[QUIET_URLS] = "true"

@@ -23,13 +23,14 @@ from vift.data.manifests import Manifest
 from vift.errors import UserError
 from vift.io import atomic_write_json
 from vift.registry import tracking
-from vift.registry.tracking import FUSION_FILE, METRICS_FILE, REGISTRATION_FILE, StageRun, guard, redact
+from vift.registry.tracking import FUSION_FILE, METRICS_FILE, REGISTRATION_FILE, StageRun, guard, redact, run_link
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 TAG_RUN = "vift.run_id"
 TAG_GATE_METRIC = "vift.gate_metric"
 TAG_GATE = "vift.gate"  # set once the aliases have been decided: promoted | kept
+TAG_GATE_DECISION = "vift.gate_decision"  # the decision as JSON: a rerun reports it unchanged
 ACCURACY_TAG = "accuracy.{row}"
 
 
@@ -156,8 +157,7 @@ def _gate(client, name: str, version, accuracy: float, gate_metric: str, margin:
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version.version)
             moved.append(CHAMPION)
-    client.set_model_version_tag(name, version.version, TAG_GATE, "promoted" if decision.promote else "kept")
-    return {
+    gate = {
         "metric": gate_metric,
         "margin": margin,
         "candidate_accuracy": accuracy,
@@ -167,6 +167,26 @@ def _gate(client, name: str, version, accuracy: float, gate_metric: str, margin:
         "reason": decision.reason,
         "aliases_moved": moved,
     }
+    client.set_model_version_tag(name, version.version, TAG_GATE_DECISION, json.dumps(gate, sort_keys=True))
+    client.set_model_version_tag(name, version.version, TAG_GATE, "promoted" if decision.promote else "kept")
+    return gate
+
+
+def _recorded_gate(version, gate_metric: str) -> dict:
+    """The decision made when ``version`` was registered (its tag), with nothing moved now."""
+    try:
+        gate = json.loads(version.tags.get(TAG_GATE_DECISION) or "")
+    except ValueError:
+        gate = None
+    if not isinstance(gate, dict):  # versions registered before the decision was kept as a tag
+        gate = {
+            "metric": version.tags.get(TAG_GATE_METRIC, gate_metric),
+            "candidate_accuracy": _accuracy(version, gate_metric),
+            "promoted": version.tags.get(TAG_GATE) == "promoted",
+        }
+    gate["reason"] = f"decided when this version was registered: {gate.get('reason', 'reason not recorded')}"
+    gate["aliases_moved"] = []
+    return gate
 
 
 def register_run(params, handle: StageRun) -> dict:
@@ -203,6 +223,7 @@ def register_run(params, handle: StageRun) -> dict:
         "tracking_uri": redact(uri),
         "experiment": handle.experiment,
         "run_id": handle.run_id,
+        "run_url": run_link(uri, handle.experiment_id, handle.run_id),
         "fusion": fusion.to_dict(),
         "accuracies": {
             row: values.get("accuracy") for row, values in rows.items() if isinstance(values, Mapping)
@@ -215,13 +236,7 @@ def register_run(params, handle: StageRun) -> dict:
         report["why"] = f"run {handle.run_id} is registered as version {version.version} already; no new version"
         with guard(uri, "complete the champion gate"):
             if version.tags.get(TAG_GATE):
-                gate = {
-                    "metric": version.tags.get(TAG_GATE_METRIC, gate_metric),
-                    "candidate_accuracy": _accuracy(version, gate_metric),
-                    "promoted": version.tags.get(TAG_GATE) == "promoted",
-                    "reason": "decided when this version was registered",
-                    "aliases_moved": [],
-                }
+                gate = _recorded_gate(version, gate_metric)
             else:  # an earlier registration stopped before the gate: finish it now
                 gate = _gate(client, name, version, accuracy, gate_metric, margin)
                 report["why"] += "; its interrupted champion gate was completed"

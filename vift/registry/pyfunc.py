@@ -15,7 +15,9 @@ per request: rows, image bytes and pixels, question tokens, ``max_new_tokens`` (
 ``max_new_tokens`` (int). It returns one answer string per row, computed by
 :func:`vift.fusion.method.fused_generate` — the same function the evaluation uses.
 
-Loading uses safetensors only (:func:`vift.model.load_model`) with ``trust_remote_code`` off.
+Loading uses safetensors only (:func:`vift.model.load_model`) with ``trust_remote_code`` off. The
+model is logged as MLflow "models from code" (``served_model.py``): loading it unpickles nothing,
+so ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` works.
 The vift package itself travels with the model (``code_paths``), so a process that only has the
 pip requirements can load it; with vift installed (``--env-manager local``) nothing changes.
 """
@@ -181,6 +183,9 @@ def read_fusion(path: str | Path):
     return FusionSpec.from_dict(spec)
 
 
+SETTINGS = ("dtype", "batch_size", "max_new_tokens", "device")  # the model_config keys ViftModel reads
+
+
 class ViftModel(mlflow.pyfunc.PythonModel):
     """Ability-fused answers from the ViFT model; see the module docstring for inputs and params."""
 
@@ -190,15 +195,14 @@ class ViftModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = max_new_tokens
         self.device = device
 
-    def __getstate__(self) -> dict:
-        # Only the settings are pickled into the MLflow model; weights travel as artifacts.
-        return {k: getattr(self, k) for k in ("dtype", "batch_size", "max_new_tokens", "device")}
-
     def load_context(self, context) -> None:
         import torch
 
         from vift.model.loading import load_model, load_processor
 
+        for key, value in (getattr(context, "model_config", None) or {}).items():
+            if key in SETTINGS:
+                setattr(self, key, value)
         model_dir = context.artifacts[ARTIFACT_MODEL]
         processor_dir = context.artifacts.get(ARTIFACT_PROCESSOR, model_dir)
         self.model = load_model(model_dir, self.dtype, trust_remote_code=False)
@@ -353,7 +357,8 @@ def log_pyfunc(
     with tempfile.TemporaryDirectory(prefix="vift-code-") as tmp:
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=ViftModel(dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens),
+            python_model=str(Path(__file__).with_name("served_model.py")),  # models from code: no pickle
+            model_config={"dtype": dtype, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "device": "auto"},
             artifacts=artifacts,
             code_paths=[_vift_code(Path(tmp))],
             signature=signature(max_new_tokens),

@@ -151,6 +151,16 @@ def redact(uri: str) -> str:
     return uri
 
 
+def run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI (credentials stripped); None for a store without a UI."""
+    if not _is_http(uri):
+        return None
+    parts = urlsplit(uri)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
