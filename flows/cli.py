@@ -32,7 +32,10 @@ def _parameters(args: argparse.Namespace):
     from flows.pipeline import PipelineParameters
 
     overrides = parse_overrides(args.set or [])
-    return _validated(PipelineParameters, "pipeline parameters", preset=args.preset, overrides=overrides, isolate=args.isolate, push=args.push)
+    return _validated(
+        PipelineParameters, "pipeline parameters",
+        preset=args.preset, data=args.data, overrides=overrides, isolate=args.isolate, push=args.push,
+    )  # fmt: skip
 
 
 def cmd_flow_run(args: argparse.Namespace) -> int:
@@ -56,7 +59,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flows.sweep import SweepParameters, vift_data_efficiency
 
     parameters = _validated(
-        SweepParameters, "sweep parameters", preset=args.preset, overrides=parse_overrides(args.set or []), fractions=args.fractions, push=args.push
+        SweepParameters, "sweep parameters", preset=args.preset, data=args.data, overrides=parse_overrides(args.set or []),
+        fractions=args.fractions, push=args.push,
     )
     result = vift_data_efficiency(parameters)
     print(json.dumps(result, indent=2, default=str))
@@ -86,6 +90,11 @@ def add_commands(sub, add_params_option) -> None:
     actions = flow.add_subparsers(dest="flow_command", required=True, metavar="ACTION")
     run = actions.add_parser("run", help="run the vift-pipeline flow (ephemeral Prefect API unless PREFECT_API_URL is set)")
     run.add_argument("--preset", default="tiny", help="preset name (default tiny)")
+    run.add_argument(
+        "--data", choices=("workspace", "preset"), default="workspace",
+        help="workspace (default): keep the workspace's imported data (`vift data import`) if it has one; "
+        "preset: the preset's ShapeTally data, replacing an import",
+    )  # fmt: skip
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key; repeatable")
     run.add_argument("--isolate", action="store_true", help="run in an own workspace under .vift/runs/")
     run.add_argument("--push", action="store_true", help="dvc push the outputs at the end")
@@ -97,6 +106,7 @@ def add_commands(sub, add_params_option) -> None:
         "isolated pipeline per fraction up to evaluate, then the table, plot and MLflow run under reports/sweeps/.",
     )
     sweep.add_argument("--preset", default="tiny", help="preset name (default tiny)")
+    sweep.add_argument("--data", choices=("workspace", "preset"), default="workspace", help="as in `vift flow run --data`")
     sweep.add_argument("--fractions", type=_fractions, default=[0.25, 0.5, 1.0], help="comma-separated shares (default 0.25,0.5,1)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key at every point; repeatable")
     sweep.add_argument("--push", action="store_true", help="dvc push each point's outputs")

@@ -24,13 +24,29 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vift.config import Params, apply_overrides, load_preset, write_params
+from vift.config import Params, apply_overrides, available_presets, load_params, load_preset, write_params
+from vift.config.schema import DataParams
 from vift.errors import UserError
 
 StageName = Literal["data", "base", "train_caption", "train_text", "train_vit", "calibrate", "evaluate", "register"]
 STAGES: tuple[str, ...] = get_args(StageName)  # dvc.yaml's stages, in order
 NETWORK_STAGES = {"register"}  # talk to the tracking server: retried with backoff
 RUNS_DIR = Path(".vift") / "runs"
+PresetName = Literal[tuple(available_presets())]  # a dropdown in the Prefect run form
+DataChoice = Literal["workspace", "preset"]
+DATA_HELP = (
+    "workspace: the data the workspace's params.yaml points at when it is an import (`vift data import`), "
+    "else the preset's; preset: the preset's data section (ShapeTally), replacing an import"
+)
+
+
+def workspace_import(workspace: str | Path) -> DataParams | None:
+    """The data section of ``workspace``'s active parameters if it names an import, else None."""
+    path = Path(workspace) / "params" / "params.yaml"
+    if not path.is_file():
+        return None
+    data = load_params(path).data
+    return data if data.source == "import" else None
 
 
 class PipelineParameters(BaseModel):
@@ -38,7 +54,8 @@ class PipelineParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = Field("tiny", description="params/presets/<preset>.yaml")
+    preset: PresetName = Field("tiny", description="training and model settings: a preset in params/presets/")
+    data: DataChoice = Field("workspace", description=DATA_HELP)
     overrides: dict[str, Any] = Field(default_factory=dict, description='dotted keys, e.g. {"train.text.learning_rate": 1e-4}')
     # True by default: Prefect merges a run's parameters with the deployment's only at the top
     # level, so a client sending {"parameters": {"preset": "ci"}} gets these defaults, and must
@@ -54,19 +71,26 @@ class PipelineParameters(BaseModel):
         return self
 
     def effective(self) -> Params:
+        """The preset, with the workspace's imported data unless ``data`` is "preset", then the overrides."""
         try:
             params = load_preset(self.preset)
+            imported = workspace_import(self.workspace) if self.data == "workspace" else None
+            if imported is not None:
+                params = params.model_copy(update={"data": imported})
             return apply_overrides(params, self.overrides) if self.overrides else params
         except UserError as error:
             raise ValueError(str(error)) from None
+
+    def data_source(self) -> str:
+        return self.effective().data.source
 
     def digest(self) -> str:
         text = json.dumps(self.effective().model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def name(self) -> str:
-        """The flow run's and the isolated workspace's name: the preset and the digest."""
-        return f"{self.preset}-{self.digest()}"
+        """The flow run's and the isolated workspace's name: preset, data source and the digest."""
+        return f"{self.preset}-{self.data_source()}-{self.digest()}"
 
 
 def run_name() -> str:
@@ -108,18 +132,33 @@ def copy_worktree(source: Path, target: Path) -> None:
 def prepare_workspace(parameters: PipelineParameters, name: str) -> str:
     """The repository itself, or an isolated copy of its tracked and unignored files sharing the DVC cache."""
     source = Path(parameters.workspace).resolve()
+    effective = parameters.effective()
+    replaced = workspace_import(source)
+    if replaced is not None and effective.data.import_dir != replaced.import_dir:
+        get_run_logger().warning(
+            "This run does NOT use the workspace's imported data (data.import_dir %s): it uses %s. "
+            "Run with data=workspace (`vift flow run --data workspace`) to train on the import.",
+            replaced.import_dir,
+            effective.data.import_dir or f"the preset's {effective.data.source} data",
+        )
     if not parameters.isolate:
-        write_params(parameters.effective(), source / "params" / "params.yaml")
+        write_params(effective, source / "params" / "params.yaml")
         return str(source)
     target = source / RUNS_DIR / name
     copy_worktree(source, target)
+    if effective.data.import_dir and not Path(effective.data.import_dir).is_absolute():
+        # data/ is git-ignored, so the copy lacks the import: link it (imports can be large).
+        link = target / effective.data.import_dir
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source / effective.data.import_dir, target_is_directory=True)
     if not (target / ".git").exists():
         _run(["git", "init", "-q"], target)
     cache = source / ".dvc" / "cache"
     # Each isolated workspace tracks into its own embedded MLflow database unless MLFLOW_TRACKING_URI
     # names a server (settings.tracking_uri): two concurrent runs never share one sqlite file.
     _run(["dvc", "config", "--local", "cache.dir", str(cache)], target)
-    write_params(parameters.effective(), target / "params" / "params.yaml")
+    write_params(effective, target / "params" / "params.yaml")
     return str(target)
 
 

@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flows.pipeline import PipelineParameters, vift_pipeline
+from flows.pipeline import DATA_HELP, DataChoice, PipelineParameters, PresetName, vift_pipeline
 from vift import paths
 from vift.errors import UserError
 from vift.eval import efficiency
@@ -37,7 +37,8 @@ class SweepParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = Field("tiny", description="params/presets/<preset>.yaml")
+    preset: PresetName = Field("tiny", description="training and model settings: a preset in params/presets/")
+    data: DataChoice = Field("workspace", description=DATA_HELP)
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied at every fraction")
     fractions: list[float] = Field([0.25, 0.5, 1.0], description="shares of the caption and instruction records, each in (0, 1]")
     push: bool = Field(False, description="dvc push each point's outputs")
@@ -66,6 +67,7 @@ class SweepParameters(BaseModel):
     def point(self, fraction: float) -> PipelineParameters:
         return PipelineParameters(
             preset=self.preset,
+            data=self.data,
             overrides={**self.overrides, FRACTION_KEY: fraction},
             isolate=True,
             push=self.push,

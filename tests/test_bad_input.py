@@ -148,7 +148,9 @@ def dataset(tmp_path) -> Path:
     root = tmp_path / "external"
     png(root / "img" / "0.png")
     write_lines(root / "captions.jsonl", [caption(i) for i in range(3)])
+    write_lines(root / "calibration.jsonl", [vqa(i) for i in range(2)])
     write_lines(root / "test.jsonl", [vqa(i) for i in range(3)])
+    write_lines(root / "text_instructions.jsonl", [caption(i, image=None) for i in range(2)])
     return root
 
 
@@ -201,7 +203,7 @@ def test_split_roles_are_enforced(workspace, dataset, capsys):
     # Text instructions made of image records would silently turn ViFT into visual instruction tuning.
     write_lines(dataset / "text_instructions.jsonl", [caption(0)])
     import_fails(capsys, dataset, "text_instructions.jsonl:1: record 'c0': every record of this split must not have an image")
-    (dataset / "text_instructions.jsonl").unlink()
+    write_lines(dataset / "text_instructions.jsonl", [caption(0, image=None)])
     write_lines(dataset / "test.jsonl", [vqa(0), vqa(1, image=None)])  # crashed `evaluate` before
     import_fails(capsys, dataset, "test.jsonl:2: record 'q1': every record of this split needs an image")
 
@@ -237,3 +239,10 @@ def test_a_yaml_alias_bomb_is_refused_without_expanding_it(tmp_path, capsys):
     path.write_text("\n".join(lines) + "\n")
     code, err = run(capsys, "params", "validate", path)
     assert code == 2 and f"{path}: invalid parameters" in err and "k0: Extra inputs are not permitted" in err
+
+
+@pytest.mark.parametrize("split", ["captions", "text_instructions", "calibration", "test"])
+def test_a_required_split_missing_fails_at_import_naming_who_reads_it(workspace, dataset, capsys, split):
+    (dataset / f"{split}.jsonl").unlink()
+    import_fails(capsys, dataset, f"{split}.jsonl: missing; read by", "docs/STORAGE.md")
+

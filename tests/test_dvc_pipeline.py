@@ -333,10 +333,22 @@ def test_reruns_are_noops_and_a_param_change_reruns_only_its_dependents(workspac
     assert changed_stages(repo) == set()
 
     # Imported data changes the `data` params (the import's content digest): data reruns.
+    from PIL import Image
+
     source = tmp_path / "external"
     source.mkdir()
-    (source / "captions.jsonl").write_text(json.dumps({"id": "c0", "conversations": [
-        {"from": "human", "value": "Describe a red square."}, {"from": "gpt", "value": "A red square."}]}) + "\n")
+    Image.new("RGB", (32, 32), "red").save(source / "red.png")
+    vqa = json.dumps({"id": "q0", "image": "red.png", "question": "What colour?", "answer": "red"}) + "\n"
+    splits = {
+        "captions": {"id": "c0", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red square."}]},
+        "text_instructions": {"id": "t0", "conversations": [
+            {"from": "human", "value": "What is 2 + 2?"}, {"from": "gpt", "value": "4"}]},
+    }  # fmt: skip
+    for split, record in splits.items():
+        (source / f"{split}.jsonl").write_text(json.dumps(record) + "\n")
+    (source / "calibration.jsonl").write_text(vqa)
+    (source / "test.jsonl").write_text(vqa)
     assert main(["data", "import", str(source)]) == 0
     assert changed_stages(repo) == stages_reading(STAGES, "data.import_dir") == {"data"}
 

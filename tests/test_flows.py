@@ -15,7 +15,7 @@ def test_overrides_are_validated_with_the_field_named():
         PipelineParameters(preset="ci", overrides={"train.text.learning_rate": -1})
     with pytest.raises(ValueError, match="no such parameter"):
         PipelineParameters(preset="ci", overrides={"train.text.no_such_key": 1})
-    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+    with pytest.raises(ValueError, match="preset\n  Input should be 'ci', 'paper-7b' or 'tiny'"):
         PipelineParameters(preset="nope")
 
 
@@ -101,3 +101,20 @@ def test_the_register_output_survives_a_forced_rerun_that_fails():
     stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
     assert {"reports/registration.json": {"persist": True}} in stages["register"]["outs"]
 
+
+
+def test_the_flow_keeps_the_workspace_import_unless_told_to_use_the_preset_data(tmp_path):
+    # Before: `vift flow run --preset tiny` rewrote params.yaml from the preset and trained on
+    # ShapeTally, silently discarding the user's import.
+    from vift.config import apply_overrides, load_preset, write_params
+
+    imported = {"data.source": "import", "data.import_dir": "data/imported/abc", "data.name": "signs"}
+    write_params(apply_overrides(load_preset("tiny"), imported), tmp_path / "params" / "params.yaml")
+    kept = PipelineParameters(preset="ci", workspace=str(tmp_path))
+    effective = kept.effective()
+    assert (effective.data.source, effective.data.import_dir, effective.data.name) == ("import", "data/imported/abc", "signs")
+    assert effective.train.text.max_steps == load_preset("ci").train.text.max_steps  # training settings: the preset's
+    assert kept.name().startswith("ci-import-")
+    replaced = PipelineParameters(preset="ci", data="preset", workspace=str(tmp_path))
+    assert replaced.effective().data == load_preset("ci").data and replaced.name().startswith("ci-shapetally-")
+    assert PipelineParameters(preset="ci", workspace=str(tmp_path / "elsewhere")).effective().data.source == "shapetally"

@@ -244,3 +244,76 @@ def test_a_run_killed_during_train_text_resumes_after_train_caption(environment,
     for stage in ("data", "base", "train_caption"):
         assert f"Stage '{stage}' didn't change, skipping" in log
     assert "Running stage 'train_text'" in log
+
+
+def write_own_dataset(root: Path) -> Path:
+    """A new user's folder: pictures of one coloured shape each, captions, text-only instructions,
+    calibration and test VQA. No backbone text, no visual instructions, no reference descriptions."""
+    from PIL import Image, ImageDraw
+
+    colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square"]
+    (root / "pictures").mkdir(parents=True)
+
+    def picture(index: int) -> tuple[str, str, str]:
+        colour, shape = colours[index % 4], shapes[(index // 4) % 2]
+        image = Image.new("RGB", (40, 40), "white")
+        draw = ImageDraw.Draw(image)
+        box = (8 + index % 3, 8, 32, 32 - index % 3)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
+        name = f"pictures/{index:03d}.png"
+        image.save(root / name)
+        return name, colour, shape
+
+    def lines(records) -> str:
+        return "".join(json.dumps(r) + "\n" for r in records)
+
+    captions, calibration, test = [], [], []
+    for index in range(64):
+        name, colour, shape = picture(index)
+        if index < 40:
+            captions.append({"id": f"cap{index}", "image": name, "conversations": [
+                {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                {"from": "gpt", "value": f"A {colour} {shape} on a white background."}]})  # fmt: skip
+        else:
+            item = {"id": f"q{index}", "image": name, "question": "What colour is the shape?", "answer": colour, "type": "colour"}
+            (calibration if index < 48 else test).append(item)
+    text = [{"id": f"t{i}", "conversations": [
+        {"from": "human", "value": f"A picture shows a {colours[i % 4]} {shapes[i % 2]}. What colour is the shape?"},
+        {"from": "gpt", "value": colours[i % 4]}]} for i in range(40)]  # fmt: skip
+    for split, records in (("captions", captions), ("text_instructions", text), ("calibration", calibration), ("test", test)):
+        (root / f"{split}.jsonl").write_text(lines(records))
+    return root
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(RUN_TIMEOUT + 300)
+def test_own_data_imported_then_the_flow_trains_on_it_without_baseline_and_names_the_model_after_it(environment, tmp_path):
+    project = make_project(tmp_path / "project", environment)
+    source = write_own_dataset(tmp_path / "street-shapes")
+    vift = str(BIN / "vift")
+    for command in ([vift, "params", "use", "ci"], [vift, "data", "import", str(source)]):
+        done = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert "visual_instructions: not provided (optional; read by train_vit" in done.stdout
+    # What the README presents as the way to run: the preset chooses training settings, not the data.
+    run = subprocess.run([vift, "flow", "run", "--preset", "ci"], cwd=project, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    summary = json.loads((project / "data" / "benchmark" / "summary.json").read_text())
+    assert summary["world"] == "import" and summary["sizes"] == {"captions": 40, "text_instructions": 40, "calibration": 8, "test": 16}
+    assert json.loads((project / "reports" / "train_vit.json").read_text())["summary"]["skipped"].endswith("the vit_baseline row is left out)")
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert "vit_baseline" not in metrics["rows"] and "oracle_description" not in metrics["rows"]
+    assert {"vift_fused", "question_only", "majority_per_type", "describe_then_answer"} <= set(metrics["rows"])
+    assert all(row["n"] == 16 for row in metrics["rows"].values())
+    base = json.loads((project / "reports" / "base.json").read_text())
+    assert base["pretrain_split"] == "text_instructions" and "skipped" in base["text_accuracy"]
+
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    assert registration["model_name"] == "vift-street-shapes"
+    evidence = metrics["evidence"]["vift_fused"]
+    beats_controls = all(evidence[c]["ci95"][0] > 0 for c in ("question_only", "majority_per_type"))
+    assert registration["gate"]["promoted"] == beats_controls
+    if not beats_controls:
+        assert registration["aliases"]["champion"] is None
+        assert registration["gate"]["reason"].startswith("kept as candidate: does not beat its controls")

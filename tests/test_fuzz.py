@@ -27,6 +27,7 @@ from PIL import Image
 
 from vift.cli import main
 from vift.config.schema import Params
+from vift.data.generate import REQUIRED_SPLITS
 
 
 def fuzz_settings(examples: int):
@@ -202,6 +203,8 @@ def test_any_manifest_folder_imports_or_is_refused_and_nothing_is_written(worksp
     source.mkdir()
     for name, data in IMAGES.items():
         (source / name).write_bytes(data)
+    for split in REQUIRED_SPLITS:  # the data contract; the drawn manifests replace some of them
+        manifests.setdefault(split, [json.dumps(GOOD[split])])
     for split, split_lines in manifests.items():
         if as_array:
             body = "[\n" + ",\n".join(split_lines) + "\n]\n"

@@ -87,15 +87,20 @@ def sqlite_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
 
-def metrics_payload(accuracy: float) -> dict:
+def metrics_payload(accuracy: float, spread: float = 0.05) -> dict:
     rows = {
         "vift_fused": {
             "accuracy": accuracy, "ci95": [accuracy - 0.1, accuracy + 0.1], "n": 48, "by_type": {"count_plus": accuracy}
         },
         "vift_unfused": {"accuracy": 0.3, "ci95": [0.2, 0.4], "n": 48, "by_type": {"count_plus": 0.3}},
         "question_only": {"accuracy": 0.25, "ci95": [0.15, 0.35], "n": 48, "by_type": {}},
+        "majority_per_type": {"accuracy": 0.3, "ci95": [0.2, 0.4], "n": 48, "by_type": {}},
     }
-    return {"rows": rows}
+    evidence = {
+        control: {"difference": accuracy - base, "ci95": [accuracy - base - spread, accuracy - base + spread]}
+        for control, base in (("question_only", 0.25), ("majority_per_type", 0.3))
+    }
+    return {"rows": rows, "evidence": {"vift_fused": evidence}}
 
 
 def make_workspace(root: Path, saved_model: Path, ci_data: Path, params, accuracy: float) -> Path:
@@ -321,6 +326,17 @@ def test_gate_decision_rules():
     assert not gate.decide(0.9, None, 0.0, "1").promote  # champion without an accuracy tag
 
 
+def test_the_gate_needs_evidence_against_the_question_alone_and_the_majority_guess():
+    passing = metrics_payload(0.5)["evidence"]["vift_fused"]
+    assert gate.evidence_failure(passing, "vift_fused") is None
+    straddling = metrics_payload(0.32, spread=0.05)["evidence"]["vift_fused"]  # vs majority: [-0.03, +0.07]
+    failure = gate.evidence_failure(straddling, "vift_fused")
+    assert not failure.promote and "majority_per_type = +0.0200, 95 % CI [-0.0300, +0.0700] not above 0" in failure.reason
+    assert "question_only" not in failure.reason  # that one is beaten: [+0.02, +0.12]
+    assert "re-run the evaluate stage" in gate.evidence_failure(None, "vift_fused").reason
+    assert "no comparison with majority_per_type" in gate.evidence_failure({"question_only": passing["question_only"]}, "x").reason
+
+
 @pytest.mark.slow
 def test_register_gate_and_idempotency(ci_params, ci_data, saved_model, items, expected, sqlite_uri, tmp_path, monkeypatch):
     import mlflow
@@ -389,6 +405,30 @@ def test_register_gate_and_idempotency(ci_params, ci_data, saved_model, items, e
     assert better["version"] == "3" and better["aliases_moved"] == ["candidate", "champion"]
     assert (alias("candidate"), alias("champion")) == ("3", "3")
     assert versions() == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_version_that_loses_to_its_controls_is_never_champion(ci_params, ci_data, saved_model, sqlite_uri, tmp_path, monkeypatch):
+    # Before: the first version became champion although its verdict said fusion beat no control.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    name = "loses-to-controls"
+    workspace = make_workspace(tmp_path, saved_model, ci_data, params_for(ci_params, name), accuracy=0.28)
+    monkeypatch.chdir(workspace)
+    report = register(workspace)
+    assert report["action"] == "registered" and report["aliases"] == {"candidate": "1", "champion": None}
+    assert not report["gate"]["promoted"] and report["gate"]["reason"].startswith("kept as candidate: does not beat its controls")
+    version = client_for(sqlite_uri).get_model_version(name, "1")
+    assert version.tags["vift.gate"] == "kept" and "majority_per_type" in version.tags["vift.gate_decision"]
+
+
+def test_the_registered_model_is_named_after_the_data(ci_params):
+    params = ci_params.model_copy(deep=True)
+    params.registry.model_name = None
+    assert params.registered_model_name() == "vift-shapetally"
+    params.data = params.data.model_copy(update={"source": "import", "import_dir": "data/imported/x", "name": "street-signs"})
+    assert params.registered_model_name() == "vift-street-signs"
+    params.registry.model_name = "mine"
+    assert params.registered_model_name() == "mine"
 
 
 def test_register_names_the_missing_input(ci_params, sqlite_uri, tmp_path, monkeypatch, capsys):

@@ -163,8 +163,14 @@ def small_dataset(root: Path) -> Path:
     for index in range(2):
         (root / "img" / f"{index}.png").write_bytes(png_bytes())
     (root / "captions.jsonl").write_text("\n".join(caption(i, f"img/{i}.png") for i in range(2)) + "\n")
-    (root / "test.jsonl").write_text("\n".join(vqa(i, f"img/{i}.png") for i in range(2)) + "\n")
+    for split in ("calibration", "test"):
+        (root / f"{split}.jsonl").write_text("\n".join(vqa(i, f"img/{i}.png") for i in range(2)) + "\n")
+    (root / "text_instructions.jsonl").write_text(TEXT_RECORD + "\n")
     return root
+
+
+TEXT_RECORD = json.dumps({"id": "t0", "conversations": [{"from": "human", "value": "2 + 2?"}, {"from": "gpt", "value": "4"}]})
+REQUIRED = {"captions.jsonl", "calibration.jsonl", "test.jsonl", "text_instructions.jsonl"}
 
 
 @pytest.fixture
@@ -191,7 +197,7 @@ def test_import_copies_only_referenced_files_and_no_link_targets(workspace, tmp_
     (source / "linked.txt").symlink_to(outside / "secrets" / "key.txt")  # unused link to a host file
     (source / "linked_dir").symlink_to(outside / "secrets", target_is_directory=True)  # linked folder
     assert main(["data", "import", str(source)]) == 0
-    assert imported_files() == {"captions.jsonl", "test.jsonl", "img/0.png", "img/1.png"}
+    assert imported_files() == REQUIRED | {"img/0.png", "img/1.png"}
     assert not list(Path("data/imported").rglob("key.txt"))
 
 
@@ -223,7 +229,7 @@ def test_import_refuses_links_that_resolve_outside_the_folder(workspace, tmp_pat
 def test_importing_the_current_folder_does_not_copy_it_into_itself(workspace, capsys):
     small_dataset(Path("."))  # the workspace itself holds the manifests
     assert main(["data", "import", "."]) == 0
-    assert imported_files() == {"captions.jsonl", "test.jsonl", "img/0.png", "img/1.png"}
+    assert imported_files() == REQUIRED | {"img/0.png", "img/1.png"}
 
 
 def test_orphaned_temporary_folders_are_removed_and_imports_run_one_at_a_time(workspace, tmp_path):

@@ -321,6 +321,10 @@ def write_external_dataset(root: Path) -> Path:
            for i, c in enumerate(colours)]
     (root / "test.json").write_text("not a split\n")
     (root / "test.jsonl").write_text(json.dumps(vqa, indent=1))  # a JSON array works too
+    (root / "calibration.jsonl").write_text("".join(json.dumps(r | {"id": f"cal-{r['id']}"}) + "\n" for r in vqa[:2]))
+    text = [{"id": f"t-{i}", "conversations": [{"from": "human", "value": f"What is {i} + 1?"}, {"from": "gpt", "value": str(i + 1)}]}
+            for i in range(3)]  # fmt: skip
+    (root / "text_instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text))
     return root
 
 
@@ -340,7 +344,8 @@ def test_data_import_validates_copies_and_points_the_params_at_it(tmp_path, monk
     assert target.parent == Path("data/imported") and re.fullmatch(r"[0-9a-f]{16}", target.name)
     assert (target / "captions.jsonl").read_bytes() == (source / "captions.jsonl").read_bytes()
     assert (target / "img" / "3.png").is_file()
-    assert "captions 4, test 4" in out and "splits not provided: backbone_text" in out and "test.json: not a split manifest" in out
+    assert "captions 4, text_instructions 3, calibration 2, test 4" in out and "test.json: not a split manifest" in out
+    assert "backbone_text: not provided (optional; read by base" in out
 
     # The same content again: same folder, params untouched.
     params_bytes = Path("params/params.yaml").read_bytes()
@@ -357,7 +362,8 @@ def test_data_import_validates_copies_and_points_the_params_at_it(tmp_path, monk
     # The data stage picks the import up.
     run_stage("data", load_params("params/params.yaml"))
     summary = json.loads(Path("data/benchmark/summary.json").read_text())
-    assert summary["world"] == "import" and summary["sizes"] == {"captions": 4, "test": 4}
+    assert summary["world"] == "import"
+    assert summary["sizes"] == {"captions": 4, "text_instructions": 3, "calibration": 2, "test": 4}
 
 
 def test_data_import_rejects_bad_manifests_with_file_and_line(tmp_path, monkeypatch, capsys):

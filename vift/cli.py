@@ -50,7 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {
         "version": __version__,
         "tracking_uri": redact(tracking_uri()),
-        "registered_model": params.registry.model_name if params else None,
+        "registered_model": params.registered_model_name() if params else None,
         "dvc_remote": redact(remote["url"]) if remote["url"] else None,
         "dvc_remote_name": remote["name"],
         "params_file": str(params_file),

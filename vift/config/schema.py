@@ -47,6 +47,11 @@ class DataParams(Section):
         "skip", description="skip-and-count malformed records and missing images, or fail on the first"
     )
     import_dir: str | None = Field(None, description="directory of external manifests (source: import)")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="the data set's name (set by `vift data import` from the folder's name); names the registered model",
+    )
 
     @model_validator(mode="after")
     def _objects_fit_the_grid(self) -> DataParams:
@@ -260,7 +265,9 @@ class EvalParams(Section):
 
 
 class RegistryParams(Section):
-    model_name: str = Field("vift-shapetally", min_length=1)
+    model_name: str | None = Field(
+        None, min_length=1, description="registered model name; null: vift-<data.name>, else vift-<data.source>"
+    )
     experiment: str = "vift"
     gate_metric: str = "vift_fused"
     margin: Float = Field(0.0, ge=0, description="champion moves only if accuracy beats it by more than this")
@@ -293,3 +300,7 @@ class Params(BaseModel):
     eval: EvalParams = EvalParams()
     registry: RegistryParams = RegistryParams()
     storage: StorageParams = StorageParams()
+
+    def registered_model_name(self) -> str:
+        """``registry.model_name``, or one derived from the data: a model is named after what it learned."""
+        return self.registry.model_name or f"vift-{self.data.name or self.data.source}"

@@ -35,11 +35,29 @@ SPLIT_HAS_IMAGES = {
     "calibration": True,
     "test": True,
 }
+# The import contract: which stages read each split, and what happens without it. Required
+# splits are checked at import; optional ones skip what needs them (README, docs/STORAGE.md).
+REQUIRED_SPLITS = ("captions", "text_instructions", "calibration", "test")
+SPLIT_READERS = {
+    "backbone_text": "base (tiny: pretrains the language model; without it, text_instructions are used)",
+    "captions": "train_caption, train_text, train_vit",
+    "text_instructions": "train_text (and base, tiny, when backbone_text is absent)",
+    "visual_instructions": "train_vit (without it the baseline is skipped and the vit_baseline row left out)",
+    "calibration": "calibrate (and the caption check of the training stages)",
+    "test": "evaluate",
+}
+
+
+def missing_required(directory: Path) -> list[str]:
+    """``file: what reads it`` for every required split that ``directory`` lacks."""
+    return [f"{directory / f'{s}.jsonl'}: missing; read by {SPLIT_READERS[s]}" for s in REQUIRED_SPLITS if not (directory / f"{s}.jsonl").exists()]
 
 
 def training_corpus(root: Path) -> Iterator[str]:
-    """Every conversation turn of the training splits under ``root``: the tokenizer's corpus."""
+    """Every conversation turn of the training splits under ``root`` (those present): the tokenizer's corpus."""
     for split in TRAIN_SPLITS:
+        if not (root / f"{split}.jsonl").exists():
+            continue
         for record in Manifest(root / f"{split}.jsonl", "conversation", root, check_images=False):
             yield from (turn.value for turn in record.conversations)
 ARITHMETIC_SHARE = 0.3  # share of pure arithmetic among text-only instructions

@@ -29,6 +29,10 @@ from vift.fusion.method import FusionSpec, fused_generate
 
 CONTROLS = ("vift_unfused", "question_only", "fused_wrong_image")
 COMPARED_WITH_FUSED = (*CONTROLS, "describe_then_answer", "vit_baseline", "caption_only")
+# What any servable row must beat to count as using the image at all: the question alone and the
+# best answer prior per type. The registry's gate reads these (metrics.json "evidence").
+PRIOR_CONTROLS = ("question_only", "majority_per_type")
+SERVABLE_ROWS = ("vift_fused", "vift_unfused", "describe_then_answer", "vit_baseline", "caption_only")
 
 
 def wrong_image_order(n: int, seed: int) -> list[int]:
@@ -113,9 +117,21 @@ def summarise(rows: dict[str, list[dict]], bootstrap_samples: int, seed: int) ->
         if other in rows
     }
     beats = {other: paired[f"vift_fused_vs_{other}"]["ci95"][0] > 0 for other in CONTROLS}
+    evidence = {
+        row: {
+            control: paired_comparison(
+                [r["correct"] for r in rows[row]], [r["correct"] for r in rows[control]], bootstrap_samples, seed
+            )
+            for control in PRIOR_CONTROLS
+            if control in rows
+        }
+        for row in SERVABLE_ROWS
+        if row in rows
+    }
     return {
         "rows": scored,
         "paired": paired,
+        "evidence": evidence,
         "verdict": {
             "fusion_beats_controls": all(beats.values()),
             "beats": beats,

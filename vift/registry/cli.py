@@ -15,7 +15,7 @@ def _default_model(params_file: str) -> str | None:
     path = Path(params_file)
     if not path.is_file():
         return None
-    return f"models:/{load_params(path).registry.model_name}@champion"
+    return f"models:/{load_params(path).registered_model_name()}@champion"
 
 
 def _resolve_version(client, uri: str) -> dict:

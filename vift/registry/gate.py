@@ -1,9 +1,11 @@
 """Registration and the champion gate.
 
-``register_run`` registers the pipeline run's model as a new version of ``registry.model_name``,
-points the alias ``candidate`` at it, and moves ``champion`` to it only if its accuracy on the
-gate row (``registry.gate_metric``, default ``vift_fused``) beats the current champion's by more
-than ``registry.margin``. Each version carries its accuracies as tags (``accuracy.<row>``), so the
+``register_run`` registers the pipeline run's model as a new version of the registered model
+(``registry.model_name``, default ``vift-<data name or source>``), points the alias ``candidate``
+at it, and moves ``champion`` to it only if the gate row (``registry.gate_metric``, default
+``vift_fused``) beats ``question_only`` and ``majority_per_type`` (paired 95 % CI above 0, from
+metrics.json's ``evidence``) and its accuracy beats the current champion's by more than
+``registry.margin``. Each version carries its accuracies as tags (``accuracy.<row>``), so the
 gate compares against what the champion was registered with, wherever it came from.
 
 Idempotent per run: the version is tagged ``vift.run_id``; re-running registration for a run that
@@ -74,7 +76,34 @@ def read_metrics(workspace: Path, gate_metric: str) -> tuple[dict, dict]:
             f"(rows: {', '.join(sorted(rows))})",
             exit_code=2,
         )
-    return dict(rows), dict(row)
+    evidence = content.get("evidence")
+    evidence = evidence.get(gate_metric) if isinstance(evidence, Mapping) else None
+    return dict(rows), dict(row), evidence if isinstance(evidence, Mapping) else None
+
+
+PRIOR_CONTROLS = ("question_only", "majority_per_type")  # as vift.eval.ablation.PRIOR_CONTROLS
+
+
+def evidence_failure(evidence: Mapping | None, gate_metric: str) -> Decision | None:
+    """None if ``gate_metric`` beats every prior control (paired 95 % CI above 0), else why not.
+
+    A version that does not beat the question alone and the per-type majority guess is not shown
+    to use the image at all: it may be registered, never made champion.
+    """
+    if evidence is None:
+        return Decision(False, f"{METRICS_FILE} has no paired evidence for {gate_metric}; re-run the evaluate stage")
+    lost = []
+    for control in PRIOR_CONTROLS:
+        comparison = evidence.get(control)
+        if not isinstance(comparison, Mapping):
+            lost.append(f"no comparison with {control}")
+            continue
+        low, high = comparison["ci95"]
+        if not low > 0:
+            lost.append(f"{gate_metric} - {control} = {comparison['difference']:+.4f}, 95 % CI [{low:+.4f}, {high:+.4f}] not above 0")
+    if lost:
+        return Decision(False, "kept as candidate: does not beat its controls (" + "; ".join(lost) + ")")
+    return None
 
 
 def _version_tags(rows: Mapping[str, Any], gate_metric: str, handle: StageRun) -> dict[str, str]:
@@ -141,14 +170,17 @@ def _example(workspace: Path):
     return manifest.image_path(record), record.question
 
 
-def _gate(client, name: str, version, accuracy: float, gate_metric: str, margin: float) -> dict:
-    """Move ``candidate`` (always) and ``champion`` (if the gate passes) to ``version``."""
+def _gate(client, name: str, version, accuracy: float, gate_metric: str, margin: float, failure: Decision | None) -> dict:
+    """Move ``candidate`` (always) and ``champion`` (if the evidence holds and the gate passes) to ``version``."""
     champion = _alias(client, name, CHAMPION)
     champion_version = str(champion.version) if champion is not None else None
     moved = []
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     moved.append(CANDIDATE)
-    if champion_version == str(version.version):
+    if failure is not None:
+        decision = failure
+        champion_accuracy = _accuracy(champion, gate_metric)
+    elif champion_version == str(version.version):
         decision = Decision(True, "this version is already champion")
         champion_accuracy = accuracy
     else:
@@ -198,7 +230,7 @@ def register_run(params, handle: StageRun) -> dict:
 
     workspace = handle.workspace
     registry = params.registry
-    name, gate_metric, margin = registry.model_name, registry.gate_metric, registry.margin
+    name, gate_metric, margin = params.registered_model_name(), registry.gate_metric, registry.margin
     model_dir = workspace / paths.VIFT_MODEL
     fusion_file = workspace / FUSION_FILE
     try:
@@ -211,7 +243,8 @@ def register_run(params, handle: StageRun) -> dict:
         fusion = read_fusion(fusion_file)
     except (ValueError, TypeError) as error:
         raise UserError(f"{FUSION_FILE}: not a fusion file ({error}); re-run the calibrate stage") from None
-    rows, gate_row = read_metrics(workspace, gate_metric)
+    rows, gate_row, evidence = read_metrics(workspace, gate_metric)
+    failure = evidence_failure(evidence, gate_metric)
     accuracy = float(gate_row["accuracy"])
     client = handle.client
     uri = handle.tracking_uri
@@ -238,7 +271,7 @@ def register_run(params, handle: StageRun) -> dict:
             if version.tags.get(TAG_GATE):
                 gate = _recorded_gate(version, gate_metric)
             else:  # an earlier registration stopped before the gate: finish it now
-                gate = _gate(client, name, version, accuracy, gate_metric, margin)
+                gate = _gate(client, name, version, accuracy, gate_metric, margin, failure)
                 report["why"] += "; its interrupted champion gate was completed"
     else:
         with guard(uri, "log the outputs of earlier stages"):
@@ -266,7 +299,7 @@ def register_run(params, handle: StageRun) -> dict:
                 version.version,
                 description=f"ViFT model of run {handle.run_id}: {gate_metric} accuracy {accuracy:.4f}{interval}.",
             )
-            gate = _gate(client, name, version, accuracy, gate_metric, margin)
+            gate = _gate(client, name, version, accuracy, gate_metric, margin, failure)
         report["action"] = "registered"
         report["why"] = f"run {handle.run_id} had no registered version"
         report["logged_model_uri"] = info.model_uri

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vift import paths
 from vift.config.schema import Params
-from vift.data.generate import EVAL_SPLITS, SPLIT_HAS_IMAGES, SPLITS, file_sha256, generate_shapetally
+from vift.data.generate import EVAL_SPLITS, SPLIT_HAS_IMAGES, SPLITS, file_sha256, generate_shapetally, missing_required
 from vift.data.manifests import Manifest, referenced_files
 from vift.errors import UserError
 from vift.io import atomic_directory, atomic_write_json
@@ -40,6 +40,15 @@ def refuse_empty_splits(directory: Path, checked: dict[str, dict]) -> None:
         raise UserError("\n".join(empty) + "\nfix the records, or remove the manifests of splits you do not provide", exit_code=2)
 
 
+def check_contract(source: Path) -> None:
+    """Every required split is there (the optional ones skip what needs them)."""
+    if missing := missing_required(source):
+        raise UserError(
+            "\n".join(missing) + "\nadd these manifests (the table in docs/STORAGE.md says what each split is for)",
+            exit_code=2,
+        )
+
+
 def check_references(source: Path) -> list[str]:
     """The files of ``source`` the split manifests reference (manifests first); links out of it refused."""
     manifests = [f"{s}.jsonl" for s in SPLITS if (source / f"{s}.jsonl").exists()]
@@ -68,6 +77,7 @@ def import_manifests(source: Path, policy: str) -> dict:
     found = [s for s in SPLITS if (source / f"{s}.jsonl").is_file()]
     if not found:
         raise UserError(f"data.import_dir: {source} holds none of {', '.join(f'{s}.jsonl' for s in SPLITS)}")
+    check_contract(source)
     files = check_references(source)
     with atomic_directory(paths.DATA_DIR) as tmp:
         checked = validate_splits(source, policy)

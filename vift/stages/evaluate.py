@@ -33,7 +33,7 @@ def run(params: Params) -> None:
     records = load_vqa(paths.manifest("test"), paths.DATA_DIR, params.data.bad_records)
     images = load_images(records, paths.DATA_DIR)
     models = {"caption": _loader(paths.CAPTION_MODEL, params), "vift": _loader(paths.VIFT_MODEL, params)}
-    if paths.VIT_MODEL.exists():
+    if (paths.VIT_MODEL / "config.json").exists():  # absent when train_vit was skipped (no visual instructions)
         models["vit"] = _loader(paths.VIT_MODEL, params)
     rows = run_ablation(
         models, records, images, fusion, params.eval.batch_size, params.eval.max_new_tokens, params.eval.seed,
@@ -42,6 +42,10 @@ def run(params: Params) -> None:
     metrics = summarise(rows, params.eval.bootstrap_samples, params.eval.seed)
     metrics["fusion"] = fusion_file["fusion"]
     metrics["calibration"] = fusion_file["calibration"]
+    # Each file is written atomically, the set is not: the headline files go first and come back
+    # last, so a failure in between (a full disk) leaves no old table beside new predictions.
+    for stale in (paths.METRICS_JSON, paths.ABLATION_MD):
+        stale.unlink(missing_ok=True)
     with atomic_directory(paths.PREDICTIONS_DIR) as out:
         for name, items in rows.items():
             (out / f"{name}.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in items))

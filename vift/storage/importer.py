@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -80,6 +81,12 @@ def _validate(source: Path, bad_records: str) -> tuple[dict[str, int], int]:
     return {split: v["loaded"] for split, v in checked.items()}, total
 
 
+def dataset_name(source: Path) -> str | None:
+    """The folder's name as a data set name (the registered model is named after it), or None."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.resolve().name).strip("-._")[:64]
+    return name or None
+
+
 def _remove_orphans() -> None:
     """Temporary folders left by an import that was killed (called with the import lock held)."""
     for orphan in IMPORT_ROOT.glob(".import-*.tmp"):
@@ -90,7 +97,7 @@ def import_dataset(source: str | Path, params_file: str | Path, bad_records: str
     """Validate ``source``, copy what its manifests reference under ``data/imported/<digest>``, point the parameters at it."""
     from vift.config import apply_overrides, load_params, write_params
     from vift.data.generate import SPLITS
-    from vift.stages.data import check_references, copy_references
+    from vift.stages.data import check_contract, check_references, copy_references
 
     source = Path(source)
     if not source.is_dir():
@@ -103,6 +110,7 @@ def import_dataset(source: str | Path, params_file: str | Path, bad_records: str
             exit_code=2,
         )
     load_params(params_file)  # a missing or invalid params file fails before anything is copied
+    check_contract(source)
     files = check_references(source)
     warnings = [
         f"{p}: not a split manifest, not imported (manifests are <split>.jsonl, splits: {', '.join(SPLITS)})"
@@ -129,7 +137,7 @@ def import_dataset(source: str | Path, params_file: str | Path, bad_records: str
                 os.replace(tmp, target)
                 created = target
             params = load_params(params_file)
-            overrides: dict = {"data.source": "import", "data.import_dir": target.as_posix()}
+            overrides: dict = {"data.source": "import", "data.import_dir": target.as_posix(), "data.name": dataset_name(source)}
             if bad_records == "skip":
                 overrides["data.bad_records"] = "skip"
             updated = apply_overrides(params, overrides)
@@ -146,6 +154,8 @@ def import_dataset(source: str | Path, params_file: str | Path, bad_records: str
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from vift.data.generate import SPLIT_READERS
+
     result = import_dataset(args.directory, args.params, args.bad_records)
     for warning in result.warnings:
         print(f"warning: {warning}")
@@ -156,8 +166,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"  {args.params} already uses this import: nothing to rerun")
     else:
         print(f"  {args.params}: data.source import, data.import_dir {result.directory.as_posix()}")
-    if result.missing:
-        print(f"  splits not provided: {', '.join(result.missing)} (stages that read them will fail)")
+    for split in result.missing:
+        print(f"  {split}: not provided (optional; read by {SPLIT_READERS[split]})")
     print("next: `dvc repro` (reruns the data stage and what depends on it), then `vift storage push`")
     return 0
 

@@ -1,0 +1,316 @@
+"""Guards on the verdict-critical code: each test pins one behaviour that a one-line bug would break.
+
+Statistics (Wilson interval, paired bootstrap, the verdict rule), answer scoring, the calibration
+tie-break and its reuse of captured states, the fusion formula and its hooks, the image-root check
+and the ablation's controls. Stubs and exact values where possible; the tiny LLaVA where the
+behaviour lives in a real forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from scipy import stats as scipy_stats
+
+from vift.config.schema import CalibrationParams
+from vift.data import Manifest
+from vift.data.manifests import VQARecord, resolve_image
+from vift.eval import ablation
+from vift.eval.ablation import run_ablation, summarise
+from vift.eval.answers import score_answer
+from vift.eval.stats import paired_comparison, wilson_interval
+from vift.fusion.calibrate import Calibrator, search
+from vift.fusion.families import adapter_for
+from vift.fusion.hooks import PrefillEditor, capture_layer_inputs
+from vift.fusion.method import NEUTRAL, FusionSpec, align_right, capture_states, fused_positions, steered_generate
+from vift.model.loading import decoder_layers
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("correct, n", [(3, 20), (17, 20), (1, 50), (40, 45), (7, 9), (120, 400)])
+def test_wilson_interval_equals_scipys_wilson_interval_off_centre(correct, n):
+    expected = scipy_stats.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(correct, n)
+    assert low == pytest.approx(expected.low, abs=1e-6)
+    assert high == pytest.approx(expected.high, abs=1e-6)
+
+
+def test_wilson_interval_is_not_centred_on_the_observed_proportion():
+    low, high = wilson_interval(2, 20)  # p = 0.1: the Wilson centre is pulled towards 1/2
+    assert (low + high) / 2 == pytest.approx((0.1 + 1.959964**2 / 40) / (1 + 1.959964**2 / 20), abs=1e-9)
+    assert (low + high) / 2 > 0.1 + 0.05
+
+
+def test_paired_bootstrap_keeps_items_paired():
+    """Two systems that agree on all but 4 of 100 items: the paired interval is narrow and above 0.
+
+    Resampling the two columns independently would give an interval of about +-0.14 around 0.04."""
+    first = [i % 2 == 0 for i in range(100)]
+    second = list(first)
+    for i in (0, 2, 4, 6):  # first right, second wrong
+        second[i] = False
+    result = paired_comparison(first, second, samples=4000, seed=0)
+    low, high = result["ci95"]
+    assert result["difference"] == pytest.approx(0.04)
+    assert 0 < low < 0.04 < high < 0.1
+
+
+def test_paired_bootstrap_interval_of_identical_systems_is_exactly_zero():
+    flags = [i % 3 == 0 for i in range(90)]
+    assert paired_comparison(flags, list(flags), samples=2000, seed=1)["ci95"] == [0.0, 0.0]
+
+
+def test_paired_bootstrap_interval_is_95_percent_wide():
+    """n = 400, 100 items only first right, 60 only second: the bootstrap of the mean difference is
+    close to normal, so the 95 % interval is 2 * 1.96 * se wide (a 90 % one would be 16 % narrower)."""
+    first = [True] * 100 + [False] * 60 + [True] * 120 + [False] * 120
+    second = [False] * 100 + [True] * 60 + [True] * 120 + [False] * 120
+    diff_mean, diff_square = 40 / 400, 160 / 400
+    se = ((diff_square - diff_mean**2) / 400) ** 0.5
+    low, high = paired_comparison(first, second, samples=20000, seed=0)["ci95"]
+    assert high - low == pytest.approx(2 * 1.959964 * se, rel=0.05)
+    assert (low + high) / 2 == pytest.approx(diff_mean, abs=0.005)
+
+
+def _rows(flags):
+    return [{"id": str(i), "type": "t", "correct": bool(f)} for i, f in enumerate(flags)]
+
+
+def test_verdict_is_negative_when_the_paired_interval_straddles_zero():
+    fused = [True] * 50 + [False] * 50
+    unfused = list(fused)
+    for i in range(5):  # 5 items only fused right, 3 only unfused right: +0.02, not significant
+        unfused[i] = False
+    for i in range(50, 53):
+        unfused[i] = True
+    weak = [False] * 100
+    rows = {"vift_fused": _rows(fused), "vift_unfused": _rows(unfused), "question_only": _rows(weak), "fused_wrong_image": _rows(weak)}
+    metrics = summarise(rows, bootstrap_samples=2000, seed=0)
+    low, high = metrics["paired"]["vift_fused_vs_vift_unfused"]["ci95"]
+    assert low < 0 < high
+    assert metrics["verdict"]["beats"] == {"vift_unfused": False, "question_only": True, "fused_wrong_image": True}
+    assert metrics["verdict"]["fusion_beats_controls"] is False
+
+
+# --- answer scoring ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response, correct",
+    [
+        ("5", True),
+        ("5.0", True),
+        ("There are five shapes.", True),
+        ("6", False),
+        ("There are 6 circles.", False),
+        ("-5", False),
+        ("50", False),
+        ("4.9", False),
+        ("six", False),
+        ("5 or 6? I say 6", False),
+    ],
+)
+def test_numeric_gold_is_correct_only_for_the_same_number(response, correct):
+    record = VQARecord(id="1", question="How many shapes?", answer="5")
+    assert score_answer(record, response)["correct"] is correct
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+
+class _TieCalibrator:
+    """A stand-in for Calibrator: accuracy and gold log-likelihood given per configuration."""
+
+    num_layers = 4
+    batches = [type("Batch", (), {"records": [0, 1, 2, 3]})()]
+
+    def __init__(self):
+        self.scored: list[FusionSpec] = []
+
+    def accuracy(self, spec: FusionSpec) -> float:
+        return 0.75 if spec == NEUTRAL or spec.a == 1.0 else 0.25
+
+    def answer_log_likelihood(self, spec: FusionSpec) -> float:
+        self.scored.append(spec)
+        if spec == NEUTRAL:
+            return -2.0
+        return -0.5 if (spec.a, spec.b) == (1.0, 1.0) else -1.5
+
+
+def test_calibration_tie_goes_to_the_best_gold_log_likelihood_not_the_first():
+    calibrator = _TieCalibrator()
+    params = CalibrationParams(modes=["additive"], weights=[0.0, 1.0], layer_ranges=[(0, 4)], budget=10)
+    result = search(calibrator, params)
+    assert result["calibration"]["tied_at_top"] == 3 and len(calibrator.scored) == 3
+    assert result["search"][0]["a"] == 0.0 and result["search"][0]["accuracy"] == 0.75  # the first is tied too
+    chosen = result["fusion"]
+    assert (chosen["mode"], chosen["a"], chosen["b"], chosen["layer_start"], chosen["layer_end"]) == ("additive", 1.0, 1.0, 0, 4)
+    assert result["calibration"]["chosen_is_neutral"] is False
+
+
+# --- fusion on the tiny LLaVA -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_model(tiny_lvlm):
+    """The ci tiny LLaVA (float32, so calibration's processor inputs fit) with a wider init, so
+    fused states differ clearly between layers and samples."""
+    model, processor = tiny_lvlm
+    model = type(model)(model.config).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def samples(ci_data):
+    records = list(Manifest(ci_data / "calibration.jsonl", "vqa"))[:4]
+    images = [Image.open(ci_data / r.image).convert("RGB") for r in records]
+    return records, images
+
+
+def _inputs(model, processor, images, questions):
+    adapter = adapter_for(model)
+    return adapter.image_inputs(processor, images, questions, model.device), adapter.text_inputs(processor, questions, model.device)
+
+
+def test_replace_mode_writes_the_unsteered_image_state_not_the_steered_one(wide_model, samples):
+    """H_l = w_vis * V_l + w_text * T_l on fused positions at every fused layer, V_l unsteered; the
+    layers after the first see steered states, which replace mode must not use."""
+    model, processor = wide_model
+    records, images = samples
+    image_inputs, text_inputs = _inputs(model, processor, images[:2], [r.question for r in records[:2]])
+    spec = FusionSpec(mode="replace", w_vis=0.5, w_text=0.25, layer_start=1, layer_end=3)
+    text_states, image_states = capture_states(model, image_inputs, text_inputs, 1, 3)
+    mask = fused_positions(
+        image_inputs["input_ids"], image_inputs["attention_mask"], text_inputs["input_ids"], text_inputs["attention_mask"], "question"
+    )[..., None]
+    layers = decoder_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+
+    def observe(index):
+        def hook(module, args, kwargs, output):
+            seen.setdefault(index, (args[0] if args else kwargs["hidden_states"]).detach().clone())  # the prefill's input
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(observe(i), with_kwargs=True) for i in (1, 2)]
+    try:
+        steered_generate(model, image_inputs, text_inputs, spec, (text_states, image_states), max_new_tokens=1, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    length = image_inputs["input_ids"].shape[1]
+    for k, layer in enumerate((1, 2)):
+        v, t = image_states[k], align_right(text_states[k], length)
+        expected = torch.where(mask, 0.5 * v + 0.25 * t, v)
+        assert torch.allclose(seen[layer], expected, atol=1e-4), f"layer {layer}"
+
+
+def test_beams_carry_each_samples_own_fusion(wide_model, samples):
+    """With 2 beams x 2 return sequences, rows 2i and 2i+1 of the batch belong to sample i: their
+    first-step logits equal those of sample i fused on its own."""
+    model, processor = wide_model
+    records, images = samples
+    questions = [r.question for r in records[:3]]
+    kwargs = dict(num_beams=2, num_return_sequences=2, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    spec = FusionSpec(a=1.0, b=0.5, layer_start=1)
+    image_inputs, text_inputs = _inputs(model, processor, images[:3], questions)
+    batched = steered_generate(model, image_inputs, text_inputs, spec, **kwargs)
+    assert batched.logits[0].shape[0] == 6
+    for i in range(3):
+        single_image, single_text = _inputs(model, processor, [images[i]], [questions[i]])
+        single = steered_generate(model, single_image, single_text, spec, **kwargs)
+        for beam in range(2):
+            assert torch.allclose(batched.logits[0][2 * i + beam], single.logits[0][beam], atol=1e-3), (i, beam)
+
+
+def test_a_fusion_hook_that_never_fires_is_an_error():
+    layers = [torch.nn.Identity() for _ in range(3)]
+    x = torch.zeros(1, 4, 2)
+    editor = PrefillEditor(layers, 1, [lambda h: h + 1, lambda h: h + 1])
+    with pytest.raises(RuntimeError, match=r"decoder layers \[2\] never fired"):
+        with editor.active():
+            assert torch.equal(layers[1](x), x + 1)  # layer 2 is never called
+    fine = PrefillEditor(layers, 1, [lambda h: h + 1, lambda h: h + 1])
+    with fine.active():
+        layers[1](x), layers[2](x)
+    assert [(i, e) for i, _, e in fine.calls] == [(1, True), (2, True)]
+
+
+def test_a_capture_hook_that_never_fires_is_an_error():
+    layers = [torch.nn.Identity() for _ in range(3)]
+
+    class OnlyFirstLayer:
+        def generate(self, **kwargs):
+            layers[0](torch.zeros(1, 4, 2))
+
+    with pytest.raises(RuntimeError, match=r"decoder layers \[1\] never fired"):
+        capture_layer_inputs(OnlyFirstLayer(), layers, {}, 0, 2)
+
+
+def test_calibration_reuses_captures_of_the_specs_own_layers(wide_model, samples):
+    """Cached all-layer captures, sliced to [start, end), give what a fresh capture of that range gives."""
+    model, processor = wide_model
+    records, images = samples
+    cached = Calibrator(model, processor, records, images, batch_size=4, max_new_tokens=2)
+    fresh = Calibrator(model, processor, records, images, batch_size=4, max_new_tokens=2, max_cache_bytes=0)
+    assert cached.batches[0].states is not None and fresh.batches[0].states is None
+    spec = FusionSpec(a=1.0, b=0.5, layer_start=1, layer_end=3)
+    text_states, image_states = cached._states(cached.batches[0], spec)
+    expected_text, expected_image = capture_states(model, cached.batches[0].image_inputs, cached.batches[0].text_inputs, 1, 3)
+    for got, want in zip([*text_states, *image_states], [*expected_text, *expected_image]):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert cached.answer_log_likelihood(spec) == pytest.approx(fresh.answer_log_likelihood(spec), rel=1e-5)
+
+
+# --- image root -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relative", ["../xevil/a.png", "../x-evil/a.png", "../x2/a.png", "sub/../../xevil/a.png", "/data/xevil/a.png"])
+def test_an_image_in_a_sibling_folder_sharing_the_roots_prefix_is_refused(relative):
+    with pytest.raises(ValueError, match="escapes the image root"):
+        resolve_image(Path("/data/x"), relative)
+
+
+def test_an_image_under_the_root_resolves_inside_it():
+    assert resolve_image(Path("/data/x"), "sub/../a.png") == Path("/data/x/a.png")
+
+
+# --- ablation controls ------------------------------------------------------------------------
+
+
+def test_ablation_rows_get_their_own_model_images_and_fusion(monkeypatch):
+    """Stub models answer with what they were given: the wrong-image control gets every item another
+    item's image (fused), the ViT baseline runs the model loaded from models["vit"]."""
+
+    def fake_generate(model, processor, images, questions, fusion, batch_size=16, **kwargs):
+        return [f"{model}|{images[i] if images is not None else '-'}|{fusion is not None}" for i in range(len(questions))]
+
+    monkeypatch.setattr("vift.eval.runner.fused_generate", fake_generate)
+    monkeypatch.setattr(ablation, "fused_generate", fake_generate)
+    n = 6
+    records = [VQARecord(id=str(i), image=f"{i}.png", question=f"question {i}", answer="1", type="count") for i in range(n)]
+    images = [f"image{i}" for i in range(n)]
+    models = {name: (lambda name=name: (f"{name}-model", "processor")) for name in ("caption", "vift", "vit")}
+    fusion = FusionSpec(a=1.0)
+    rows = run_ablation(models, records, images, fusion, batch_size=4, max_new_tokens=3, seed=5)
+
+    def given(row):
+        return [r["prediction"].split("|") for r in rows[row]]
+
+    assert given("vift_fused") == [["vift-model", f"image{i}", "True"] for i in range(n)]
+    wrong = given("fused_wrong_image")
+    assert {model for model, _, _ in wrong} == {"vift-model"} and {f for _, _, f in wrong} == {"True"}
+    wrong_images = [image for _, image, _ in wrong]
+    assert sorted(wrong_images) == sorted(images)
+    assert all(image != f"image{i}" for i, image in enumerate(wrong_images))
+    assert given("vit_baseline") == [["vit-model", f"image{i}", "False"] for i in range(n)]
+    assert given("caption_only") == [["caption-model", f"image{i}", "False"] for i in range(n)]
+    assert given("question_only") == [["vift-model", "-", "False"] for i in range(n)]
