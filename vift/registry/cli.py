@@ -55,6 +55,12 @@ def load_registered(model_uri: str):
                     raise UserError(
                         f"{model_uri}: no such registered model version on {redact(uri)}; run `vift stage register` "
                         f"(or `dvc repro`) against this tracking URI, or check the name and alias"
+                        + (
+                            f". A version that does not beat its controls is only @candidate (reports/registration.json "
+                            f"says why): --model {model_uri.rsplit('@', 1)[0]}@candidate serves it anyway"
+                            if model_uri.endswith("@champion")
+                            else ""
+                        )
                     ) from None
                 raise
         with guard(uri, f"load {model_uri}"):
