@@ -309,10 +309,14 @@ def test_own_data_imported_then_the_flow_trains_on_it_without_baseline_and_names
     base = json.loads((project / "reports" / "base.json").read_text())
     assert base["pretrain_split"] == "text_instructions" and "skipped" in base["text_accuracy"]
 
+    serving = json.loads((project / "models" / "fusion.json").read_text())["serving"]
+    assert set(serving["accuracy"]) == {"plain", "fused", "describe_then_answer"}
     registration = json.loads((project / "reports" / "registration.json").read_text())
-    assert registration["model_name"] == "vift-street-shapes"
-    evidence = metrics["evidence"]["vift_fused"]
-    beats_controls = all(evidence[c]["ci95"][0] > 0 for c in ("question_only", "majority_per_type"))
+    assert registration["model_name"] == "vift-street-shapes" and registration["served_mode"] == serving["mode"]
+    row = {"plain": "vift_unfused", "fused": "vift_fused", "describe_then_answer": "describe_then_answer"}[serving["mode"]]
+    assert registration["gate_row"] == row
+    evidence = metrics["evidence"][row]
+    beats_controls = all(evidence[c]["ci95"][0] > 0 and evidence[c]["mcnemar_p"] < 0.05 for c in ("question_only", "majority_per_type"))
     assert registration["gate"]["promoted"] == beats_controls
     if not beats_controls:
         assert registration["aliases"]["champion"] is None

@@ -257,6 +257,7 @@ request_params = mostly(
         optional={
             "max_new_tokens": st.one_of(st.integers(-5, 10**9), st.floats(), st.text(max_size=5), st.booleans(), st.none()),
             "fusion": st.one_of(st.booleans(), st.text(max_size=5), st.integers()),
+            "mode": st.one_of(st.sampled_from(["", "plain", "fused", "describe_then_answer"]), st.text(max_size=8), st.integers()),
         },
     ),
 )
@@ -276,9 +277,9 @@ valid_question = st.sampled_from(["How many shapes are there?", "What colour is 
     params=request_params,
 )
 def test_any_prediction_request_is_answered_or_refused_with_a_4xx_and_no_stack_trace(served, monkeypatch, rows, params):
-    import vift.fusion.method as method
+    import vift.fusion.modes as modes
 
-    monkeypatch.setattr(method, "fused_generate", lambda model, processor, images, questions, *a, **k: ["4"] * len(questions))
+    monkeypatch.setattr(modes, "fused_generate", lambda model, processor, images, questions, *a, **k: ["4"] * len(questions))
     monkeypatch.delenv("VIFT_SERVE_IMAGE_ROOT", raising=False)
     frame = pd.DataFrame({"image": [r[0] for r in rows], "question": [r[1] for r in rows]})
     try:

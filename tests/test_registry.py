@@ -97,7 +97,11 @@ def metrics_payload(accuracy: float, spread: float = 0.05) -> dict:
         "majority_per_type": {"accuracy": 0.3, "ci95": [0.2, 0.4], "n": 48, "by_type": {}},
     }
     evidence = {
-        control: {"difference": accuracy - base, "ci95": [accuracy - base - spread, accuracy - base + spread]}
+        control: {
+            "difference": accuracy - base,
+            "ci95": [accuracy - base - spread, accuracy - base + spread],
+            "mcnemar_p": 0.001 if accuracy - base > spread else 0.4,
+        }
         for control, base in (("question_only", 0.25), ("majority_per_type", 0.3))
     }
     return {"rows": rows, "evidence": {"vift_fused": evidence}}
@@ -331,10 +335,13 @@ def test_the_gate_needs_evidence_against_the_question_alone_and_the_majority_gue
     assert gate.evidence_failure(passing, "vift_fused") is None
     straddling = metrics_payload(0.32, spread=0.05)["evidence"]["vift_fused"]  # vs majority: [-0.03, +0.07]
     failure = gate.evidence_failure(straddling, "vift_fused")
-    assert not failure.promote and "majority_per_type = +0.0200, 95 % CI [-0.0300, +0.0700] not above 0" in failure.reason
+    assert not failure.promote
+    assert "majority_per_type = +0.0200, 95 % CI [-0.0300, +0.0700], McNemar p = 0.4: not above 0" in failure.reason
     assert "question_only" not in failure.reason  # that one is beaten: [+0.02, +0.12]
     assert "re-run the evaluate stage" in gate.evidence_failure(None, "vift_fused").reason
     assert "no comparison with majority_per_type" in gate.evidence_failure({"question_only": passing["question_only"]}, "x").reason
+    one_sided = {c: {**passing[c], "mcnemar_p": 0.125} for c in passing}  # bootstrap above 0, McNemar not
+    assert "McNemar p = 0.125" in gate.evidence_failure(one_sided, "vift_fused").reason
 
 
 @pytest.mark.slow

@@ -128,12 +128,12 @@ def test_requests_are_bounded_in_rows_question_tokens_image_bytes_pixels_and_new
 
 
 def test_an_unexpected_failure_reaches_the_client_without_a_stack_trace(served, monkeypatch):
-    import vift.fusion.method as method
+    import vift.fusion.modes as modes
 
     def broken(*args, **kwargs):
         raise RuntimeError("internal detail /srv/secret/path")
 
-    monkeypatch.setattr(method, "fused_generate", broken)
+    monkeypatch.setattr(modes, "fused_generate", broken)
     image = base64.b64encode(png_bytes()).decode()
     with pytest.raises(MlflowException) as caught:
         served.predict(None, pd.DataFrame({"image": [image], "question": ["How many?"]}))

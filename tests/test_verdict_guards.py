@@ -294,7 +294,7 @@ def test_ablation_rows_get_their_own_model_images_and_fusion(monkeypatch):
         return [f"{model}|{images[i] if images is not None else '-'}|{fusion is not None}" for i in range(len(questions))]
 
     monkeypatch.setattr("vift.eval.runner.fused_generate", fake_generate)
-    monkeypatch.setattr(ablation, "fused_generate", fake_generate)
+    monkeypatch.setattr("vift.fusion.modes.fused_generate", fake_generate)  # describe_then_answer
     n = 6
     records = [VQARecord(id=str(i), image=f"{i}.png", question=f"question {i}", answer="1", type="count") for i in range(n)]
     images = [f"image{i}" for i in range(n)]

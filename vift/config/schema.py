@@ -269,7 +269,12 @@ class RegistryParams(Section):
         None, min_length=1, description="registered model name; null: vift-<data.name>, else vift-<data.source>"
     )
     experiment: str = "vift"
-    gate_metric: str = "vift_fused"
+    gate_metric: str = Field(
+        "served",
+        min_length=1,
+        description="the ablation row the champion gate compares; served: the row of the inference mode "
+        "calibration chose (vift_unfused, vift_fused or describe_then_answer)",
+    )
     margin: Float = Field(0.0, ge=0, description="champion moves only if accuracy beats it by more than this")
 
 

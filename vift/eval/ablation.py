@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vift.data.world import DESCRIBE_PROMPT, text_prompt
+from vift.data.world import text_prompt
 from vift.eval.runner import predict, prediction_rows, score
 from vift.eval.stats import paired_comparison
-from vift.fusion.method import FusionSpec, fused_generate
+from vift.fusion.method import FusionSpec
+from vift.fusion.modes import CAPTION_TOKENS, describe_then_answer
 
 CONTROLS = ("vift_unfused", "question_only", "fused_wrong_image")
 COMPARED_WITH_FUSED = (*CONTROLS, "describe_then_answer", "vit_baseline", "caption_only")
@@ -58,7 +59,7 @@ def run_ablation(
     batch_size: int,
     max_new_tokens: int,
     seed: int,
-    caption_tokens: int = 64,
+    caption_tokens: int = CAPTION_TOKENS,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, list[dict]]:
     """Per-row predictions. ``models`` maps caption / vift / vit to loaders of (model, processor)."""
@@ -84,9 +85,8 @@ def run_ablation(
     shuffled = [images[i] for i in wrong_image_order(len(images), seed)]
     rows["fused_wrong_image"] = predict(model, processor, records, shuffled, fusion, **run)
     step("describe_then_answer")
-    captions = fused_generate(model, processor, images, [DESCRIBE_PROMPT] * len(records), None, batch_size=batch_size, max_new_tokens=caption_tokens)
-    over_captions = [text_prompt(c, r.question) for c, r in zip(captions, records)]
-    rows["describe_then_answer"] = predict(model, processor, records, None, None, questions=over_captions, **run)
+    answers, captions = describe_then_answer(model, processor, images, [r.question for r in records], batch_size, max_new_tokens, caption_tokens)
+    rows["describe_then_answer"] = prediction_rows(records, answers)
     for row, caption in zip(rows["describe_then_answer"], captions):
         row["caption"] = caption
     scenes = [(r.model_extra or {}).get("scene") for r in records]

@@ -93,6 +93,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model, info = load_registered(model_uri)
     predict_params: dict = {"fusion": not args.no_fusion}
+    if args.mode:
+        predict_params["mode"] = args.mode
     if args.max_new_tokens is not None:
         predict_params["max_new_tokens"] = args.max_new_tokens
     try:
@@ -107,6 +109,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     "model": model_uri,
                     **({"version": info.get("version"), "run_id": info.get("run_id")} if info else {}),
                     "fusion": not args.no_fusion,
+                    "mode": args.mode or "calibrated",
                     "answers": [
                         {"image": image, "question": question, "answer": answer}
                         for image, question, answer in zip(images, questions, answers)
@@ -131,6 +134,10 @@ def add_commands(sub, add_params_option) -> None:
     predict.add_argument("--image", action="append", required=True, metavar="PATH", help="image file; repeatable")
     predict.add_argument("--question", action="append", required=True, metavar="TEXT", help="question; repeatable")
     predict.add_argument("--no-fusion", action="store_true", help="answer with the plain model (no fusion)")
+    predict.add_argument(
+        "--mode", choices=("plain", "fused", "describe_then_answer"),
+        help="inference mode (default: the one calibration chose, recorded with the model)",
+    )  # fmt: skip
     predict.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate (default: the model's)")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     add_params_option(predict)

@@ -81,15 +81,18 @@ def read_metrics(workspace: Path, gate_metric: str) -> tuple[dict, dict]:
     return dict(rows), dict(row), evidence if isinstance(evidence, Mapping) else None
 
 
-PRIOR_CONTROLS = ("question_only", "majority_per_type")  # as vift.eval.ablation.PRIOR_CONTROLS
+SERVED = "served"  # registry.gate_metric: the ablation row of the mode the model serves
 
 
 def evidence_failure(evidence: Mapping | None, gate_metric: str) -> Decision | None:
-    """None if ``gate_metric`` beats every prior control (paired 95 % CI above 0), else why not.
+    """None if ``gate_metric`` beats every prior control (paired 95 % CI above 0 and McNemar p < 0.05), else why not.
 
     A version that does not beat the question alone and the per-type majority guess is not shown
     to use the image at all: it may be registered, never made champion.
     """
+    from vift.eval.ablation import PRIOR_CONTROLS
+    from vift.fusion.modes import SIGNIFICANCE
+
     if evidence is None:
         return Decision(False, f"{METRICS_FILE} has no paired evidence for {gate_metric}; re-run the evaluate stage")
     lost = []
@@ -99,8 +102,12 @@ def evidence_failure(evidence: Mapping | None, gate_metric: str) -> Decision | N
             lost.append(f"no comparison with {control}")
             continue
         low, high = comparison["ci95"]
-        if not low > 0:
-            lost.append(f"{gate_metric} - {control} = {comparison['difference']:+.4f}, 95 % CI [{low:+.4f}, {high:+.4f}] not above 0")
+        p_value = comparison.get("mcnemar_p", 1.0)
+        if not (low > 0 and p_value < SIGNIFICANCE):
+            lost.append(
+                f"{gate_metric} - {control} = {comparison['difference']:+.4f}, 95 % CI [{low:+.4f}, {high:+.4f}], "
+                f"McNemar p = {p_value:.3g}: not above 0 beyond chance"
+            )
     if lost:
         return Decision(False, "kept as candidate: does not beat its controls (" + "; ".join(lost) + ")")
     return None
@@ -226,7 +233,8 @@ def register_run(params, handle: StageRun) -> dict:
     import mlflow
 
     from vift.model.loading import check_checkpoint
-    from vift.registry.pyfunc import log_pyfunc, read_fusion
+    from vift.fusion.modes import MODE_ROWS
+    from vift.registry.pyfunc import log_pyfunc, read_fusion, read_serving_mode
 
     workspace = handle.workspace
     registry = params.registry
@@ -243,9 +251,18 @@ def register_run(params, handle: StageRun) -> dict:
         fusion = read_fusion(fusion_file)
     except (ValueError, TypeError) as error:
         raise UserError(f"{FUSION_FILE}: not a fusion file ({error}); re-run the calibrate stage") from None
-    rows, gate_row, evidence = read_metrics(workspace, gate_metric)
-    failure = evidence_failure(evidence, gate_metric)
+    served_mode = read_serving_mode(fusion_file)
+    if gate_metric == SERVED:
+        # Gate on what the model will serve: the row of the mode calibration chose. Versions are
+        # compared on their "accuracy.served" tags, whatever mode each serves.
+        gate_row_name = MODE_ROWS[served_mode]
+    else:
+        gate_row_name = gate_metric
+    rows, gate_row, evidence = read_metrics(workspace, gate_row_name)
+    failure = evidence_failure(evidence, gate_row_name)
     accuracy = float(gate_row["accuracy"])
+    if gate_metric == SERVED:
+        rows = {**rows, SERVED: gate_row}  # logged as the version's accuracy.served / ci95.served tags
     client = handle.client
     uri = handle.tracking_uri
 
@@ -262,6 +279,8 @@ def register_run(params, handle: StageRun) -> dict:
             row: values.get("accuracy") for row, values in rows.items() if isinstance(values, Mapping)
         },
         "gate_ci95": gate_row.get("ci95"),
+        "served_mode": served_mode,
+        "gate_row": gate_row_name,
     }
     if existing:
         version = existing[0]

@@ -172,6 +172,16 @@ def _as_frame(model_input) -> pd.DataFrame:
     return frame
 
 
+def read_serving_mode(path: str | Path) -> str:
+    """The inference mode calibration chose (``serving.mode`` in fusion.json), else the default."""
+    from vift.fusion.modes import DEFAULT_MODE, MODES
+
+    content = json.loads(Path(path).read_text())
+    serving = content.get("serving") if isinstance(content, Mapping) else None
+    mode = serving.get("mode") if isinstance(serving, Mapping) else None
+    return mode if mode in MODES else DEFAULT_MODE
+
+
 def read_fusion(path: str | Path):
     """The FusionSpec in ``fusion.json`` (the calibrate stage's file, or a bare spec dict)."""
     from vift.fusion.method import FusionSpec
@@ -212,6 +222,7 @@ class ViftModel(mlflow.pyfunc.PythonModel):
         self.model.to(device).eval()
         self.processor = load_processor(processor_dir, trust_remote_code=False)
         self.fusion = read_fusion(context.artifacts[ARTIFACT_FUSION])
+        self.mode = read_serving_mode(context.artifacts[ARTIFACT_FUSION])
         self._lock = threading.Lock()  # fusion hooks live on the shared model: one generation at a time
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
@@ -226,7 +237,7 @@ class ViftModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"prediction failed ({type(error).__name__}); see the server's log", INTERNAL_ERROR) from error
 
     def _predict(self, model_input, params: dict) -> list[str]:
-        from vift.fusion.method import fused_generate
+        from vift.fusion.modes import DEFAULT_MODE, MODES, answer
 
         frame = _as_frame(model_input)
         if len(frame) > MAX_ROWS:
@@ -235,13 +246,16 @@ class ViftModel(mlflow.pyfunc.PythonModel):
         self._check_question_lengths(questions)
         root = _image_root()
         images = [decode_image(value, row, root) for row, value in enumerate(frame["image"])]
-        fusion = self.fusion if _truthy(params.get("fusion", True)) else None
+        served = getattr(self, "mode", DEFAULT_MODE)
+        mode = params.get("mode") or served
+        if mode not in MODES:
+            raise _invalid(f"mode must be one of {', '.join(MODES)} (or empty: the calibrated {served}), not {str(mode)[:40]!r}")
+        if not _truthy(params.get("fusion", True)):
+            mode = "plain"  # fusion: false, the switch older clients use
         max_new_tokens = _max_new_tokens(params.get("max_new_tokens"), self.max_new_tokens)
         lock = getattr(self, "_lock", None) or threading.Lock()
         with lock:
-            return fused_generate(
-                self.model, self.processor, images, questions, fusion, batch_size=self.batch_size, max_new_tokens=max_new_tokens
-            )
+            return answer(self.model, self.processor, images, questions, mode, self.fusion, self.batch_size, max_new_tokens)
 
     def _check_question_lengths(self, questions: list[str]) -> None:
         for row, question in enumerate(questions):
@@ -278,7 +292,13 @@ def signature(max_new_tokens: int = 8):
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question")]),
         outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec("fusion", "boolean", True), ParamSpec("max_new_tokens", "long", int(max_new_tokens))]),
+        params=ParamSchema(
+            [
+                ParamSpec("fusion", "boolean", True),
+                ParamSpec("max_new_tokens", "long", int(max_new_tokens)),
+                ParamSpec("mode", "string", ""),  # empty: the mode calibration chose
+            ]
+        ),
     )
 
 

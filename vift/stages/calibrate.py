@@ -10,11 +10,25 @@ from rich.progress import Progress
 
 from vift import paths
 from vift.config.schema import Params
+from vift.eval.answers import score_answer
 from vift.eval.plots import calibration_heatmap
 from vift.eval.runner import load_images, load_vqa
+from vift.eval.stats import paired_comparison
 from vift.fusion.calibrate import Calibrator, search
+from vift.fusion.method import FusionSpec
+from vift.fusion.modes import MODES, answer, choose_mode
 from vift.io import atomic_write_json, atomic_write_text
 from vift.model.loading import load_model, load_processor
+
+
+def serving_mode(model, processor, records, images, fusion: FusionSpec, params: Params) -> dict:
+    """Every inference mode on the calibration split, and the one to serve (:func:`choose_mode`)."""
+    questions = [r.question for r in records]
+    correct = {}
+    for mode in MODES:
+        answers = answer(model, processor, images, questions, mode, fusion, params.fusion.calibrate.batch_size, params.eval.max_new_tokens)
+        correct[mode] = [bool(score_answer(r, a)["correct"]) for r, a in zip(records, answers)]
+    return choose_mode(correct, lambda a, b: paired_comparison(a, b, params.eval.bootstrap_samples, params.eval.seed))
 
 
 def run(params: Params) -> None:
@@ -22,14 +36,15 @@ def run(params: Params) -> None:
     model = load_model(paths.VIFT_MODEL, params.model.dtype, params.model.trust_remote_code).eval()
     processor = load_processor(paths.VIFT_MODEL, params.model.trust_remote_code)
     records = load_vqa(paths.manifest("calibration"), paths.DATA_DIR, params.data.bad_records)
-    calibrator = Calibrator(
-        model, processor, records, load_images(records, paths.DATA_DIR), params.fusion.calibrate.batch_size, params.eval.max_new_tokens
-    )
+    calibrator_images = load_images(records, paths.DATA_DIR)
+    calibrator = Calibrator(model, processor, records, calibrator_images, params.fusion.calibrate.batch_size, params.eval.max_new_tokens)
     with Progress() as progress:
         task = progress.add_task("calibrating fusion", total=params.fusion.calibrate.budget)
         result = search(calibrator, params.fusion.calibrate, lambda done, total: progress.update(task, completed=done))
     # Timings go to the log, not into outputs: outputs must be byte-identical when rerun.
     print(f"calibrate: {result['calibration']['evaluated']} configurations in {time.time() - started:.0f} s", flush=True)
+    result["serving"] = serving_mode(model, processor, records, calibrator_images, FusionSpec.from_dict(result["fusion"]), params)
+    print(f"calibrate: serving mode {result['serving']['mode']} ({result['serving']['accuracy']})", flush=True)
     calibration_heatmap(result, paths.PLOTS_DIR / "calibration_heatmap.png")
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in result["search"] for k in row)))

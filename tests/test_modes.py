@@ -1,0 +1,85 @@
+"""Inference modes: calibration picks the one to serve only on evidence; the served model uses it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vift.eval.stats import paired_comparison
+from vift.fusion.method import FusionSpec
+from vift.fusion.modes import choose_mode, describe_then_answer, fused_generate
+from vift.registry.pyfunc import ViftModel
+
+
+def compare(first, second):
+    return paired_comparison(first, second, 2000, 0)
+
+
+def test_plain_is_served_unless_another_mode_wins_beyond_noise():
+    n = 200
+    plain = [i < 80 for i in range(n)]  # 40 %
+    by_noise = [4 <= i < 88 for i in range(n)]  # 8 wins, 4 losses: +2 points
+    one_sided = [i < 84 for i in range(n)]  # 4 wins, 0 losses: the bootstrap alone calls it real
+    clearly = [i < 140 for i in range(n)]  # +60 items, every plain success kept
+    chosen = choose_mode({"plain": plain, "fused": by_noise, "describe_then_answer": one_sided}, compare)
+    assert chosen["mode"] == "plain" and chosen["accuracy"]["fused"] == 0.42
+    assert chosen["versus_plain"]["fused"]["ci95"][0] <= 0
+    lucky = chosen["versus_plain"]["describe_then_answer"]
+    assert lucky["ci95"][0] > 0 and lucky["mcnemar_p"] == pytest.approx(0.125)
+    chosen = choose_mode({"plain": plain, "fused": by_noise, "describe_then_answer": clearly}, compare)
+    assert chosen["mode"] == "describe_then_answer" and chosen["versus_plain"]["describe_then_answer"]["ci95"][0] > 0
+    # Two modes beyond noise: the more accurate one.
+    better = [i < 150 for i in range(n)]
+    assert choose_mode({"plain": plain, "fused": better, "describe_then_answer": clearly}, compare)["mode"] == "fused"
+
+
+def png_base64(colour: str) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def describe_model(tiny_checkpoint, tmp_path_factory) -> ViftModel:
+    fusion = tmp_path_factory.mktemp("fusion") / "fusion.json"
+    spec = FusionSpec(mode="additive", positions="question", a=0.5, b=0.5, layer_start=0, layer_end=2)
+    fusion.write_text(json.dumps({"fusion": spec.to_dict(), "serving": {"mode": "describe_then_answer"}}))
+    model = ViftModel(max_new_tokens=3)
+    model.load_context(SimpleNamespace(artifacts={"model": str(tiny_checkpoint), "fusion": str(fusion)}))
+    return model
+
+
+def test_the_served_model_answers_in_the_mode_calibration_recorded_and_a_request_may_ask_another(describe_model, monkeypatch):
+    calls = []
+
+    def spy(model, processor, images, questions, fusion, **kwargs):
+        calls.append(("image" if images is not None else "text", list(questions), fusion))
+        return [f"answer-{len(calls)}"] * len(questions)
+
+    monkeypatch.setattr("vift.fusion.modes.fused_generate", spy)
+    frame = pd.DataFrame({"image": [png_base64("red")], "question": ["What colour?"]})
+    assert describe_model.mode == "describe_then_answer"
+    assert describe_model.predict(None, frame) == ["answer-2"]
+    (_, describe, _), (kind, over_caption, _) = calls
+    assert describe == ["Describe the image."] and kind == "text" and over_caption[0].endswith("answer-1\nWhat colour?")
+    calls.clear()
+    describe_model.predict(None, frame, params={"mode": "fused"})
+    assert calls[0][0] == "image" and calls[0][2] is describe_model.fusion
+    calls.clear()
+    describe_model.predict(None, frame, params={"fusion": False})
+    assert calls[0][0] == "image" and calls[0][2] is None
+
+
+def test_describe_then_answer_is_the_ablation_row_computed_the_same_way(tiny_lvlm):
+    model, processor = tiny_lvlm
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    questions = ["What colour?", "How many shapes?"]
+    answers, captions = describe_then_answer(model, processor, images, questions, batch_size=2, max_new_tokens=3)
+    direct = fused_generate(model, processor, images, ["Describe the image."] * 2, None, batch_size=2, max_new_tokens=64)
+    assert captions == direct and len(answers) == 2

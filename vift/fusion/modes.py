@@ -1,0 +1,70 @@
+"""Inference modes: how the served model answers a question about an image.
+
+- ``plain``: the stage-2 model on image + question;
+- ``fused``: the same with the calibrated fusion (:mod:`vift.fusion.method`);
+- ``describe_then_answer``: the model captions the image, then answers the question over its own
+  caption as text (perception and the text skill joined through tokens).
+
+The calibrate stage measures all three on the calibration split and records the one to serve
+(:func:`choose_mode`); evaluation reports each as an ablation row (:data:`MODE_ROWS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vift.data.world import DESCRIBE_PROMPT, text_prompt
+from vift.fusion.method import FusionSpec, fused_generate
+
+MODES = ("plain", "fused", "describe_then_answer")
+MODE_ROWS = {"plain": "vift_unfused", "fused": "vift_fused", "describe_then_answer": "describe_then_answer"}
+DEFAULT_MODE = "fused"  # what a fusion.json without a recorded mode (older calibrations) serves
+CAPTION_TOKENS = 64
+SIGNIFICANCE = 0.05
+
+
+def describe_then_answer(
+    model, processor, images: Sequence, questions: Sequence[str], batch_size: int, max_new_tokens: int,
+    caption_tokens: int = CAPTION_TOKENS,
+) -> tuple[list[str], list[str]]:  # fmt: skip
+    """(answers, captions): each image captioned, then its question answered over the caption as text."""
+    captions = fused_generate(model, processor, images, [DESCRIBE_PROMPT] * len(questions), None, batch_size=batch_size, max_new_tokens=caption_tokens)
+    prompts = [text_prompt(caption, question) for caption, question in zip(captions, questions)]
+    answers = fused_generate(model, processor, None, prompts, None, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return answers, captions
+
+
+def answer(
+    model, processor, images: Sequence, questions: Sequence[str], mode: str, fusion: FusionSpec | None,
+    batch_size: int, max_new_tokens: int,
+) -> list[str]:  # fmt: skip
+    """Answers in ``mode`` (``fusion`` is used by ``fused`` only)."""
+    if mode == "describe_then_answer":
+        return describe_then_answer(model, processor, images, questions, batch_size, max_new_tokens)[0]
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; one of {', '.join(MODES)}")
+    spec = fusion if mode == "fused" else None
+    return fused_generate(model, processor, images, questions, spec, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def choose_mode(correct: dict[str, Sequence[bool]], compare) -> dict:
+    """The mode to serve, from per-item correctness on the calibration split.
+
+    ``plain`` unless another mode beats it with the paired 95 % interval of the accuracy difference
+    above 0 and the exact McNemar test below 0.05 (``compare(first, second)`` returns
+    :func:`vift.eval.stats.paired_comparison`'s dict); among those, the most accurate. A mode
+    that only ties or wins by noise is not served.
+    """
+    accuracy = {mode: sum(items) / max(1, len(items)) for mode, items in correct.items()}
+    versus_plain = {mode: compare(correct[mode], correct["plain"]) for mode in correct if mode != "plain"}
+    # Both tests: with a handful of discordant items all one way (4 wins, 0 losses) the bootstrap
+    # interval already excludes 0 while the exact McNemar test (p = 0.125) does not.
+    winners = [mode for mode, c in versus_plain.items() if c["ci95"][0] > 0 and c["mcnemar_p"] < SIGNIFICANCE]
+    mode = max(winners, key=lambda m: (accuracy[m], -MODES.index(m))) if winners else "plain"
+    return {
+        "mode": mode,
+        "accuracy": accuracy,
+        "versus_plain": versus_plain,
+        "rule": "plain unless a mode beats it on the calibration split with the paired bootstrap 95 % CI above 0 "
+        f"and McNemar p < {SIGNIFICANCE}; then the most accurate such mode",
+    }
