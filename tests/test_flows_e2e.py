@@ -152,7 +152,11 @@ def test_two_concurrent_ui_runs_complete_with_their_own_outputs_artifacts_and_ml
         metrics = []
         for run in finished:
             workspace = project / ".vift" / "runs" / run.name
-            metrics.append(json.loads((workspace / "reports" / "metrics.json").read_text())["rows"])
+            content = json.loads((workspace / "reports" / "metrics.json").read_text())
+            metrics.append(content["rows"])
+            # ShapeTally's test records carry reference descriptions: the perception table is there.
+            assert set(content["perception"]) == {"caption", "vift", "vit"}
+            assert all(row["n"] == content["rows"]["vift_fused"]["n"] for row in content["perception"].values())
             assert (workspace / "dvc.lock").is_file() and (workspace / "models" / "vift" / "model.safetensors").is_file()
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
             assert {"ablation-table", "metrics", "registration"} <= {a.key for a in artifacts}

@@ -83,3 +83,41 @@ def test_describe_then_answer_is_the_ablation_row_computed_the_same_way(tiny_lvl
     answers, captions = describe_then_answer(model, processor, images, questions, batch_size=2, max_new_tokens=3)
     direct = fused_generate(model, processor, images, ["Describe the image."] * 2, None, batch_size=2, max_new_tokens=64)
     assert captions == direct and len(answers) == 2
+
+
+def test_perception_counts_captions_that_state_exactly_the_reference_content(monkeypatch):
+    from vift.data.manifests import VQARecord
+    from vift.eval.ablation import perception
+    from vift.eval.stats import wilson_interval
+
+    references = ["red circle at top left, blue square at center", "green triangle at center", "yellow square at bottom"]
+    records = [VQARecord(id=f"q{i}", image=f"{i}.png", question="?", answer="1", reference=r) for i, r in enumerate(references)]
+    captions = {
+        "caption": ["blue square at center, red circle at top left.", "green triangle at center", "red square at bottom"],
+        "vift": ["red circle at top left", "green triangle at center.", "yellow square at bottom"],
+    }
+    asked = []
+
+    def fake_generate(model, processor, images, prompts, fusion, **kwargs):
+        asked.append(prompts[0])
+        return captions[model]
+
+    monkeypatch.setattr("vift.fusion.method.fused_generate", fake_generate)
+    models = {name: (lambda n=name: (n, None)) for name in captions}
+    seen = perception(models, records, [None] * 3, "What is in the picture?", batch_size=4)
+    # caption: phrases in another order count (2 of 3: the third names the wrong colour);
+    # vift: a missing object is not the reference content (2 of 3).
+    assert seen["caption"]["accuracy"] == seen["vift"]["accuracy"] == pytest.approx(2 / 3)
+    assert seen["caption"]["ci95"] == pytest.approx(list(wilson_interval(2, 3)))
+    assert seen["vift"]["phrase_f1"] == pytest.approx(2 * (3 / 3) * (3 / 4) / (3 / 3 + 3 / 4))
+    assert asked == ["What is in the picture?"] * 2
+    no_reference = [VQARecord(id="q", image="x.png", question="?", answer="1")]
+    assert perception(models, no_reference, [None], "p", batch_size=1) is None
+
+
+def test_the_reference_field_is_optional_and_scene_is_accepted():
+    from vift.data.manifests import VQARecord, reference_of
+
+    assert reference_of(VQARecord(id="a", image="a.png", question="?", answer="1", reference="red circle")) == "red circle"
+    assert reference_of(VQARecord(id="a", image="a.png", question="?", answer="1", scene="red circle")) == "red circle"
+    assert reference_of(VQARecord(id="a", image="a.png", question="?", answer="1")) is None

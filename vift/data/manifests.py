@@ -88,6 +88,19 @@ class VQARecord(BaseModel):
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+REFERENCE_FIELDS = ("reference", "scene")  # "scene": ShapeTally's name, accepted for compatibility
+
+
+def reference_of(record: VQARecord) -> str | None:
+    """The record's reference description of its image (optional field), or None."""
+    extra = record.model_extra or {}
+    for name in REFERENCE_FIELDS:
+        value = extra.get(name)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
 Record = TypeVar("Record", ConversationRecord, VQARecord)
 RECORD_TYPES: dict[str, type[BaseModel]] = {"conversation": ConversationRecord, "vqa": VQARecord}
 

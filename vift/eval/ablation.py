@@ -11,8 +11,11 @@ Rows (each: accuracy, Wilson 95 % interval, n, per question type):
   item's image; a gain this row also gets is a text prior, not perception.
 - ``majority_per_type`` (control): the most common gold answer of each question type (in the
   evaluated split itself: an upper bound for any answer prior per type).
-- ``oracle_description`` (ceiling, ShapeTally only): the stage-2 model answering over the true scene
-  description as text: what perfect perception would give its text skill.
+- ``oracle_description`` (ceiling, when test records carry a reference description): the stage-2
+  model answering over the true description as text: what perfect perception would give its text skill.
+
+With reference descriptions, :func:`perception` also reports how often each model's caption states
+the reference content (metrics.json ``perception``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from vift.data.world import text_prompt
+from vift.data.manifests import reference_of
 from vift.eval.runner import predict, prediction_rows, score
 from vift.eval.stats import paired_comparison
 from vift.fusion.method import FusionSpec
@@ -89,7 +93,7 @@ def run_ablation(
     rows["describe_then_answer"] = prediction_rows(records, answers)
     for row, caption in zip(rows["describe_then_answer"], captions):
         row["caption"] = caption
-    scenes = [(r.model_extra or {}).get("scene") for r in records]
+    scenes = [reference_of(r) for r in records]
     if all(scenes):
         step("oracle_description")
         rows["oracle_description"] = predict(
@@ -139,3 +143,33 @@ def summarise(rows: dict[str, list[dict]], bootstrap_samples: int, seed: int) ->
             "bootstrap 95 % CI of the accuracy difference above 0",
         },
     }
+
+
+def perception(
+    models: dict[str, Callable[[], tuple]], records: Sequence, images: Sequence, prompt: str, batch_size: int,
+    caption_tokens: int = CAPTION_TOKENS,
+) -> dict | None:  # fmt: skip
+    """Per model (caption / vift / vit): how often its caption of a test image states exactly the
+    reference content (Wilson 95 % interval), and phrase-level F1. None without references."""
+    from vift.eval.stats import wilson_interval
+    from vift.fusion.method import fused_generate
+    from vift.train.caption_check import caption_states_reference, score_captions
+
+    references = [reference_of(r) for r in records]
+    if not records or not all(references):
+        return None
+    out = {}
+    for name, load in models.items():
+        model, processor = load()
+        captions = fused_generate(model, processor, images, [prompt] * len(records), None, batch_size=batch_size, max_new_tokens=caption_tokens)
+        correct = sum(caption_states_reference(c, r) for c, r in zip(captions, references))
+        scores = score_captions(captions, references)
+        out[name] = {
+            "accuracy": correct / len(records),
+            "ci95": list(wilson_interval(correct, len(records))),
+            "n": len(records),
+            "phrase_f1": scores["phrase_f1"],
+            "examples": [{"reference": r, "caption": c} for r, c in zip(references[:2], captions[:2])],
+        }
+    return out
+

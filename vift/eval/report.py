@@ -42,6 +42,14 @@ def ablation_markdown(metrics: dict, fusion: dict, title: str) -> str:
             f"| {name} | {100 * pair['difference']:+.1f} | {100 * pair['ci95'][0]:+.1f} to {100 * pair['ci95'][1]:+.1f} | "
             f"{pair['only_first_correct']} | {pair['only_second_correct']} | {pair['mcnemar_p']:.3g} |"
         )
+    if "perception" in metrics:
+        lines += ["", "## Perception: captions that state the reference content", "",
+                  "| model | exact content % | 95 % CI | n | phrase F1 |", "| --- | ---: | --- | ---: | ---: |"]  # fmt: skip
+        for name, row in metrics["perception"].items():
+            lines.append(
+                f"| {name} | {percent(row['accuracy'])} | {percent(row['ci95'][0])}–{percent(row['ci95'][1])} | {row['n']} | "
+                f"{row['phrase_f1']:.3f} |"
+            )
     verdict = metrics["verdict"]
     lines += ["", f"**Verdict:** fusion {'beats' if verdict['fusion_beats_controls'] else 'does NOT beat'} all controls ({verdict['rule']}): "
               + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in verdict["beats"].items()) + "."]  # fmt: skip

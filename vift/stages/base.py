@@ -8,7 +8,7 @@ import time
 from vift import paths
 from vift.config.schema import Params
 from vift.data.generate import training_corpus
-from vift.data.manifests import Manifest
+from vift.data.manifests import Manifest, reference_of
 from vift.data.world import text_prompt
 from vift.fusion.method import fused_generate
 from vift.io import atomic_directory, atomic_write_json
@@ -24,13 +24,14 @@ PRETRAIN_SPLITS = ("backbone_text", "text_instructions")  # the tiny LM pretrain
 def text_accuracy(model, processor, batch_size: int) -> dict:
     """Exact-match accuracy of the LM on composed questions asked over held-out scene descriptions.
 
-    Needs the reference description (``scene``) of each test record, which ShapeTally writes and
-    imported data may lack: then the check is skipped and says why.
+    Needs the reference description (``reference``, or ShapeTally's ``scene``) of each test record,
+    which imported data may lack: then the check is skipped and says why.
     """
     items = list(itertools.islice(Manifest(paths.manifest("test"), "vqa", paths.DATA_DIR, check_images=False), TEXT_CHECK_ITEMS))
-    if not items or not all((r.model_extra or {}).get("scene") for r in items):
-        return {"skipped": f"{paths.manifest('test')}: records have no reference description ('scene')"}
-    prompts = [text_prompt(r.model_extra["scene"], r.question) for r in items]
+    references = [reference_of(r) for r in items]
+    if not items or not all(references):
+        return {"skipped": f"{paths.manifest('test')}: records have no reference description ('reference' or 'scene')"}
+    prompts = [text_prompt(reference, r.question) for reference, r in zip(references, items)]
     answers = fused_generate(model, processor, None, prompts, None, batch_size=batch_size, max_new_tokens=4)
     correct = [a == r.answer for a, r in zip(answers, items)]
     by_type: dict[str, list[bool]] = {}

@@ -7,13 +7,14 @@ import time
 
 from vift import paths
 from vift.config.schema import Params
-from vift.eval.ablation import run_ablation, summarise
+from vift.eval.ablation import perception, run_ablation, summarise
 from vift.eval.plots import accuracy_bars, accuracy_by_type
 from vift.eval.report import ablation_markdown
 from vift.eval.runner import load_images, load_vqa
 from vift.fusion.method import FusionSpec
 from vift.io import atomic_directory, atomic_write_json, atomic_write_text
 from vift.model.loading import load_model, load_processor
+from vift.train.caption_check import caption_prompt
 
 
 def _loader(path, params: Params):
@@ -40,6 +41,10 @@ def run(params: Params) -> None:
         progress=lambda name: print(f"evaluate: {name}", flush=True),
     )  # fmt: skip
     metrics = summarise(rows, params.eval.bootstrap_samples, params.eval.seed)
+    prompt = caption_prompt(paths.manifest("captions"))  # captioned as in training
+    seen = perception(models, records, images, prompt, params.eval.batch_size)
+    if seen is not None:
+        metrics["perception"] = seen
     metrics["fusion"] = fusion_file["fusion"]
     metrics["calibration"] = fusion_file["calibration"]
     # Each file is written atomically, the set is not: the headline files go first and come back

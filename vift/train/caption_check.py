@@ -1,7 +1,7 @@
 """How well a model captions held-out images: the perception that the caption stage must teach.
 
-Reference captions are the ``scene`` field of evaluation records (ShapeTally writes the scene
-description there, in the same words as the training captions). A caption is a comma-separated
+Reference captions are the ``reference`` (or ShapeTally's ``scene``) field of evaluation records,
+in the same words as the training captions. A caption is a comma-separated
 list of object phrases ("red circle at top left, ..."), so besides exact match we score the
 phrases as a set: precision, recall and F1 over all images (micro-averaged).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vift.data.manifests import IMAGE_TOKEN, Manifest, resolve_image
+from vift.data.manifests import IMAGE_TOKEN, Manifest, reference_of, resolve_image
 from vift.fusion.method import fused_generate
 from vift.train.collate import load_rgb
 
@@ -28,6 +28,11 @@ def caption_prompt(captions_manifest: Path) -> str:
     for record in Manifest(captions_manifest, "conversation", check_images=False):
         return record.conversations[0].value.replace(IMAGE_TOKEN, "", 1).strip()
     raise ValueError(f"{captions_manifest}: no caption records")
+
+
+def caption_states_reference(generated: str, reference: str) -> bool:
+    """Whether a caption states exactly the reference content: the same set of object phrases."""
+    return caption_phrases(generated) == caption_phrases(reference)
 
 
 def score_captions(generated: list[str], references: list[str]) -> dict:
@@ -57,9 +62,9 @@ def caption_quality(
     if limit == 0 or not Path(heldout_manifest).is_file():
         return {"skipped": f"no held-out images to caption (limit {limit}, {heldout_manifest})"}
     items = list(itertools.islice(Manifest(heldout_manifest, "vqa", image_root, check_images=False), limit))
-    references = [(r.model_extra or {}).get("scene") for r in items]
+    references = [reference_of(r) for r in items]
     if not items or any(ref is None or r.image is None for ref, r in zip(references, items)):
-        return {"skipped": f"{heldout_manifest}: records need an image and a reference caption ('scene')"}
+        return {"skipped": f"{heldout_manifest}: records need an image and a reference caption ('reference' or 'scene')"}
     prompt = caption_prompt(captions_manifest)
     images = [load_rgb(resolve_image(Path(image_root), r.image)) for r in items]
     longest = max(len(processor.tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
