@@ -25,7 +25,6 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vift.config import Params, apply_overrides, available_presets, load_params, load_preset, write_params
-from vift.config.schema import DataParams
 from vift.errors import UserError
 
 StageName = Literal["data", "base", "train_caption", "train_text", "train_vit", "calibrate", "evaluate", "register"]
@@ -35,18 +34,18 @@ RUNS_DIR = Path(".vift") / "runs"
 PresetName = Literal[tuple(available_presets())]  # a dropdown in the Prefect run form
 DataChoice = Literal["workspace", "preset"]
 DATA_HELP = (
-    "workspace: the data the workspace's params.yaml points at when it is an import (`vift data import`), "
+    "workspace: the data (and prompts) of the workspace's params.yaml when it is an import (`vift data import`), "
     "else the preset's; preset: the preset's data section (ShapeTally), replacing an import"
 )
 
 
-def workspace_import(workspace: str | Path) -> DataParams | None:
-    """The data section of ``workspace``'s active parameters if it names an import, else None."""
+def workspace_import(workspace: str | Path) -> Params | None:
+    """``workspace``'s active parameters if their data is an import, else None."""
     path = Path(workspace) / "params" / "params.yaml"
     if not path.is_file():
         return None
-    data = load_params(path).data
-    return data if data.source == "import" else None
+    params = load_params(path)
+    return params if params.data.source == "import" else None
 
 
 class PipelineParameters(BaseModel):
@@ -75,8 +74,8 @@ class PipelineParameters(BaseModel):
         try:
             params = load_preset(self.preset)
             imported = workspace_import(self.workspace) if self.data == "workspace" else None
-            if imported is not None:
-                params = params.model_copy(update={"data": imported})
+            if imported is not None:  # the data, and how to prompt over it, belong to the data set
+                params = params.model_copy(update={"data": imported.data, "prompts": imported.prompts})
             return apply_overrides(params, self.overrides) if self.overrides else params
         except UserError as error:
             raise ValueError(str(error)) from None
@@ -134,11 +133,11 @@ def prepare_workspace(parameters: PipelineParameters, name: str) -> str:
     source = Path(parameters.workspace).resolve()
     effective = parameters.effective()
     replaced = workspace_import(source)
-    if replaced is not None and effective.data.import_dir != replaced.import_dir:
+    if replaced is not None and effective.data.import_dir != replaced.data.import_dir:
         get_run_logger().warning(
             "This run does NOT use the workspace's imported data (data.import_dir %s): it uses %s. "
             "Run with data=workspace (`vift flow run --data workspace`) to train on the import.",
-            replaced.import_dir,
+            replaced.data.import_dir,
             effective.data.import_dir or f"the preset's {effective.data.source} data",
         )
     if not parameters.isolate:

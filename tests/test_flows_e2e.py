@@ -295,7 +295,8 @@ def test_own_data_imported_then_the_flow_trains_on_it_without_baseline_and_names
     project = make_project(tmp_path / "project", environment)
     source = write_own_dataset(tmp_path / "street-shapes")
     vift = str(BIN / "vift")
-    for command in ([vift, "params", "use", "ci"], [vift, "data", "import", str(source)]):
+    template = "prompts.over_description=A picture shows {description} {question}"  # as the text instructions ask
+    for command in ([vift, "params", "use", "ci", "--set", template], [vift, "data", "import", str(source)]):
         done = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
     assert "visual_instructions: not provided (optional; read by train_vit" in done.stdout
@@ -315,6 +316,8 @@ def test_own_data_imported_then_the_flow_trains_on_it_without_baseline_and_names
 
     serving = json.loads((project / "models" / "fusion.json").read_text())["serving"]
     assert set(serving["accuracy"]) == {"plain", "fused", "describe_then_answer"}
+    # The data set's prompts travel with it: the captions' own instruction, the template set above.
+    assert serving["prompts"] == {"describe": "What is in the picture?", "over_description": "A picture shows {description} {question}"}
     registration = json.loads((project / "reports" / "registration.json").read_text())
     assert registration["model_name"] == "vift-street-shapes" and registration["served_mode"] == serving["mode"]
     row = {"plain": "vift_unfused", "fused": "vift_fused", "describe_then_answer": "describe_then_answer"}[serving["mode"]]

@@ -121,3 +121,38 @@ def test_the_reference_field_is_optional_and_scene_is_accepted():
     assert reference_of(VQARecord(id="a", image="a.png", question="?", answer="1", reference="red circle")) == "red circle"
     assert reference_of(VQARecord(id="a", image="a.png", question="?", answer="1", scene="red circle")) == "red circle"
     assert reference_of(VQARecord(id="a", image="a.png", question="?", answer="1")) is None
+
+
+def test_prompt_defaults_are_shapetallys_and_a_null_describe_prompt_is_the_captions_own(tmp_path, ci_data):
+    from vift.config.schema import PromptParams
+    from vift.data.world import text_prompt
+    from vift.fusion.modes import Prompts
+
+    default = PromptParams()
+    assert default.over_description.format(description="red circle", question="How many?") == text_prompt("red circle", "How many?")
+    assert Prompts().over("red circle", "How many?") == text_prompt("red circle", "How many?")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"id": "c", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A dog."}]}) + "\n")  # fmt: skip
+    assert Prompts.from_params(default, captions).describe == "What is in the picture?"
+    assert Prompts.from_params(default, ci_data / "captions.jsonl").describe == "Describe the image."
+    custom = PromptParams(describe="Caption this.", over_description="A picture shows {description} {question}")
+    assert Prompts.from_params(custom, captions).over("a dog.", "What animal?") == "A picture shows a dog. What animal?"
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("Scene: {description}", "over_description must use exactly {description} and {question}, not ['description']"),
+        ("{description} {question} {extra}", "not ['description', 'extra', 'question']"),
+        ("{description} {question", "over_description is not a format string"),
+    ],
+)
+def test_a_template_without_both_fields_is_refused_with_the_field(tmp_path, capsys, template, expected):
+    from vift.cli import main
+
+    path = tmp_path / "params.yaml"
+    path.write_text(json.dumps({"prompts": {"over_description": template}}))
+    assert main(["params", "validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "  prompts: " in err and expected in err

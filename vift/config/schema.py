@@ -264,6 +264,34 @@ class EvalParams(Section):
     judge: JudgeParams = JudgeParams()
 
 
+class PromptParams(Section):
+    """How the model is asked to describe an image and to answer over a description (per data set)."""
+
+    describe: str | None = Field(
+        None,
+        min_length=1,
+        description="the describe instruction of describe_then_answer and the perception table; null: the "
+        "instruction of the first caption record (what the model was trained to caption with)",
+    )
+    over_description: str = Field(
+        "Scene: {description}\n{question}",  # ShapeTally's text_prompt (vift/data/world.py); a test keeps them equal
+        description="a question asked over a description as text ({description} and {question}): "
+        "describe_then_answer, the oracle_description row and the tiny base's text check; match your text instructions",
+    )
+
+    @model_validator(mode="after")
+    def _template_has_both_fields(self) -> PromptParams:
+        import string
+
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.over_description) if name is not None}
+        except ValueError as error:
+            raise ValueError(f"over_description is not a format string ({error}); braces are written {{{{ }}}}") from None
+        if fields != {"description", "question"}:
+            raise ValueError(f"over_description must use exactly {{description}} and {{question}}, not {sorted(fields)}")
+        return self
+
+
 class RegistryParams(Section):
     model_name: str | None = Field(
         None, min_length=1, description="registered model name; null: vift-<data.name>, else vift-<data.source>"
@@ -303,6 +331,7 @@ class Params(BaseModel):
     train: TrainParams = TrainParams()
     fusion: FusionParams = FusionParams()
     eval: EvalParams = EvalParams()
+    prompts: PromptParams = PromptParams()
     registry: RegistryParams = RegistryParams()
     storage: StorageParams = StorageParams()
 

@@ -377,3 +377,11 @@ def referenced_files(directory: Path, manifests: list[str]) -> tuple[list[str], 
                 continue  # validation reports paths that escape lexically
             admit(relative, f"{Path(directory) / name}:{line}")
     return files, problems
+
+
+def caption_instruction(captions_manifest: str | Path) -> str:
+    """The instruction the first caption record asks with, without the image token."""
+    for record in Manifest(captions_manifest, "conversation", check_images=False):
+        return record.conversations[0].value.replace(IMAGE_TOKEN, "", 1).strip()
+    raise UserError(f"{captions_manifest}: no caption records", exit_code=2)
+

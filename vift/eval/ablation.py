@@ -25,12 +25,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vift.data.world import text_prompt
 from vift.data.manifests import reference_of
 from vift.eval.runner import predict, prediction_rows, score
 from vift.eval.stats import paired_comparison
 from vift.fusion.method import FusionSpec
-from vift.fusion.modes import CAPTION_TOKENS, describe_then_answer
+from vift.fusion.modes import CAPTION_TOKENS, Prompts, describe_then_answer
 
 CONTROLS = ("vift_unfused", "question_only", "fused_wrong_image")
 COMPARED_WITH_FUSED = (*CONTROLS, "describe_then_answer", "vit_baseline", "caption_only")
@@ -65,6 +64,7 @@ def run_ablation(
     seed: int,
     caption_tokens: int = CAPTION_TOKENS,
     progress: Callable[[str], None] | None = None,
+    prompts: Prompts = Prompts(),
 ) -> dict[str, list[dict]]:
     """Per-row predictions. ``models`` maps caption / vift / vit to loaders of (model, processor)."""
     rows: dict[str, list[dict]] = {}
@@ -89,7 +89,9 @@ def run_ablation(
     shuffled = [images[i] for i in wrong_image_order(len(images), seed)]
     rows["fused_wrong_image"] = predict(model, processor, records, shuffled, fusion, **run)
     step("describe_then_answer")
-    answers, captions = describe_then_answer(model, processor, images, [r.question for r in records], batch_size, max_new_tokens, caption_tokens)
+    answers, captions = describe_then_answer(
+        model, processor, images, [r.question for r in records], batch_size, max_new_tokens, prompts, caption_tokens
+    )
     rows["describe_then_answer"] = prediction_rows(records, answers)
     for row, caption in zip(rows["describe_then_answer"], captions):
         row["caption"] = caption
@@ -97,7 +99,7 @@ def run_ablation(
     if all(scenes):
         step("oracle_description")
         rows["oracle_description"] = predict(
-            model, processor, records, None, None, questions=[text_prompt(s, r.question) for s, r in zip(scenes, records)], **run
+            model, processor, records, None, None, questions=[prompts.over(s, r.question) for s, r in zip(scenes, records)], **run
         )
     if "vit" in models:
         step("vit_baseline")

@@ -12,8 +12,11 @@ The calibrate stage measures all three on the calibration split and records the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from vift.data.world import DESCRIBE_PROMPT, text_prompt
+from vift.data.manifests import caption_instruction
+from vift.data.world import DESCRIBE_PROMPT, SCENE_PREFIX
 from vift.fusion.method import FusionSpec, fused_generate
 
 MODES = ("plain", "fused", "describe_then_answer")
@@ -23,24 +26,43 @@ CAPTION_TOKENS = 64
 SIGNIFICANCE = 0.05
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """The describe instruction and the question-over-a-description template (``params.prompts``)."""
+
+    describe: str = DESCRIBE_PROMPT
+    over_description: str = SCENE_PREFIX + "{description}\n{question}"
+
+    def over(self, description: str, question: str) -> str:
+        return self.over_description.format(description=description, question=question)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, prompts, captions_manifest: str | Path) -> Prompts:
+        """``params.prompts`` resolved: a null describe instruction is the captions' own."""
+        return cls(prompts.describe or caption_instruction(captions_manifest), prompts.over_description)
+
+
 def describe_then_answer(
     model, processor, images: Sequence, questions: Sequence[str], batch_size: int, max_new_tokens: int,
-    caption_tokens: int = CAPTION_TOKENS,
+    prompts: Prompts = Prompts(), caption_tokens: int = CAPTION_TOKENS,
 ) -> tuple[list[str], list[str]]:  # fmt: skip
     """(answers, captions): each image captioned, then its question answered over the caption as text."""
-    captions = fused_generate(model, processor, images, [DESCRIBE_PROMPT] * len(questions), None, batch_size=batch_size, max_new_tokens=caption_tokens)
-    prompts = [text_prompt(caption, question) for caption, question in zip(captions, questions)]
+    captions = fused_generate(model, processor, images, [prompts.describe] * len(questions), None, batch_size=batch_size, max_new_tokens=caption_tokens)
+    prompts = [prompts.over(caption, question) for caption, question in zip(captions, questions)]
     answers = fused_generate(model, processor, None, prompts, None, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return answers, captions
 
 
 def answer(
     model, processor, images: Sequence, questions: Sequence[str], mode: str, fusion: FusionSpec | None,
-    batch_size: int, max_new_tokens: int,
+    batch_size: int, max_new_tokens: int, prompts: Prompts = Prompts(),
 ) -> list[str]:  # fmt: skip
-    """Answers in ``mode`` (``fusion`` is used by ``fused`` only)."""
+    """Answers in ``mode`` (``fusion`` is used by ``fused`` only, ``prompts`` by ``describe_then_answer``)."""
     if mode == "describe_then_answer":
-        return describe_then_answer(model, processor, images, questions, batch_size, max_new_tokens)[0]
+        return describe_then_answer(model, processor, images, questions, batch_size, max_new_tokens, prompts)[0]
     if mode not in MODES:
         raise ValueError(f"unknown inference mode {mode!r}; one of {', '.join(MODES)}")
     spec = fusion if mode == "fused" else None

@@ -234,7 +234,7 @@ def register_run(params, handle: StageRun) -> dict:
 
     from vift.model.loading import check_checkpoint
     from vift.fusion.modes import MODE_ROWS
-    from vift.registry.pyfunc import log_pyfunc, read_fusion, read_serving_mode
+    from vift.registry.pyfunc import log_pyfunc, read_fusion, read_serving
 
     workspace = handle.workspace
     registry = params.registry
@@ -251,7 +251,7 @@ def register_run(params, handle: StageRun) -> dict:
         fusion = read_fusion(fusion_file)
     except (ValueError, TypeError) as error:
         raise UserError(f"{FUSION_FILE}: not a fusion file ({error}); re-run the calibrate stage") from None
-    served_mode = read_serving_mode(fusion_file)
+    served_mode = read_serving(fusion_file)[0]
     if gate_metric == SERVED:
         # Gate on what the model will serve: the row of the mode calibration chose. Versions are
         # compared on their "accuracy.served" tags, whatever mode each serves.

@@ -172,14 +172,16 @@ def _as_frame(model_input) -> pd.DataFrame:
     return frame
 
 
-def read_serving_mode(path: str | Path) -> str:
-    """The inference mode calibration chose (``serving.mode`` in fusion.json), else the default."""
-    from vift.fusion.modes import DEFAULT_MODE, MODES
+def read_serving(path: str | Path):
+    """(mode, Prompts) calibration recorded in fusion.json's ``serving``, else the defaults."""
+    from vift.fusion.modes import DEFAULT_MODE, MODES, Prompts
 
     content = json.loads(Path(path).read_text())
     serving = content.get("serving") if isinstance(content, Mapping) else None
-    mode = serving.get("mode") if isinstance(serving, Mapping) else None
-    return mode if mode in MODES else DEFAULT_MODE
+    serving = serving if isinstance(serving, Mapping) else {}
+    mode = serving.get("mode") if serving.get("mode") in MODES else DEFAULT_MODE
+    prompts = serving.get("prompts")
+    return mode, Prompts(**prompts) if isinstance(prompts, Mapping) else Prompts()
 
 
 def read_fusion(path: str | Path):
@@ -222,7 +224,7 @@ class ViftModel(mlflow.pyfunc.PythonModel):
         self.model.to(device).eval()
         self.processor = load_processor(processor_dir, trust_remote_code=False)
         self.fusion = read_fusion(context.artifacts[ARTIFACT_FUSION])
-        self.mode = read_serving_mode(context.artifacts[ARTIFACT_FUSION])
+        self.mode, self.prompts = read_serving(context.artifacts[ARTIFACT_FUSION])
         self._lock = threading.Lock()  # fusion hooks live on the shared model: one generation at a time
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
@@ -237,7 +239,7 @@ class ViftModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"prediction failed ({type(error).__name__}); see the server's log", INTERNAL_ERROR) from error
 
     def _predict(self, model_input, params: dict) -> list[str]:
-        from vift.fusion.modes import DEFAULT_MODE, MODES, answer
+        from vift.fusion.modes import DEFAULT_MODE, MODES, Prompts, answer
 
         frame = _as_frame(model_input)
         if len(frame) > MAX_ROWS:
@@ -255,7 +257,10 @@ class ViftModel(mlflow.pyfunc.PythonModel):
         max_new_tokens = _max_new_tokens(params.get("max_new_tokens"), self.max_new_tokens)
         lock = getattr(self, "_lock", None) or threading.Lock()
         with lock:
-            return answer(self.model, self.processor, images, questions, mode, self.fusion, self.batch_size, max_new_tokens)
+            return answer(
+                self.model, self.processor, images, questions, mode, self.fusion, self.batch_size, max_new_tokens,
+                getattr(self, "prompts", None) or Prompts(),
+            )  # fmt: skip
 
     def _check_question_lengths(self, questions: list[str]) -> None:
         for row, question in enumerate(questions):

@@ -31,6 +31,8 @@ def text_accuracy(model, processor, batch_size: int) -> dict:
     references = [reference_of(r) for r in items]
     if not items or not all(references):
         return {"skipped": f"{paths.manifest('test')}: records have no reference description ('reference' or 'scene')"}
+    # ShapeTally's format (what backbone_text pretrains on), not params.prompts: a prompt change
+    # must not retrain the base for a report-only check.
     prompts = [text_prompt(reference, r.question) for reference, r in zip(references, items)]
     answers = fused_generate(model, processor, None, prompts, None, batch_size=batch_size, max_new_tokens=4)
     correct = [a == r.answer for a, r in zip(answers, items)]

@@ -16,7 +16,7 @@ from vift.eval.runner import load_images, load_vqa
 from vift.eval.stats import paired_comparison
 from vift.fusion.calibrate import Calibrator, search
 from vift.fusion.method import FusionSpec
-from vift.fusion.modes import MODES, answer, choose_mode
+from vift.fusion.modes import MODES, Prompts, answer, choose_mode
 from vift.io import atomic_write_json, atomic_write_text
 from vift.model.loading import load_model, load_processor
 
@@ -24,11 +24,15 @@ from vift.model.loading import load_model, load_processor
 def serving_mode(model, processor, records, images, fusion: FusionSpec, params: Params) -> dict:
     """Every inference mode on the calibration split, and the one to serve (:func:`choose_mode`)."""
     questions = [r.question for r in records]
+    prompts = Prompts.from_params(params.prompts, paths.manifest("captions"))
     correct = {}
     for mode in MODES:
-        answers = answer(model, processor, images, questions, mode, fusion, params.fusion.calibrate.batch_size, params.eval.max_new_tokens)
+        answers = answer(
+            model, processor, images, questions, mode, fusion, params.fusion.calibrate.batch_size, params.eval.max_new_tokens, prompts
+        )
         correct[mode] = [bool(score_answer(r, a)["correct"]) for r, a in zip(records, answers)]
-    return choose_mode(correct, lambda a, b: paired_comparison(a, b, params.eval.bootstrap_samples, params.eval.seed))
+    chosen = choose_mode(correct, lambda a, b: paired_comparison(a, b, params.eval.bootstrap_samples, params.eval.seed))
+    return {**chosen, "prompts": prompts.to_dict()}  # the served model asks the same way
 
 
 def run(params: Params) -> None:

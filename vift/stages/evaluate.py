@@ -14,7 +14,7 @@ from vift.eval.runner import load_images, load_vqa
 from vift.fusion.method import FusionSpec
 from vift.io import atomic_directory, atomic_write_json, atomic_write_text
 from vift.model.loading import load_model, load_processor
-from vift.train.caption_check import caption_prompt
+from vift.fusion.modes import Prompts
 
 
 def _loader(path, params: Params):
@@ -36,13 +36,13 @@ def run(params: Params) -> None:
     models = {"caption": _loader(paths.CAPTION_MODEL, params), "vift": _loader(paths.VIFT_MODEL, params)}
     if (paths.VIT_MODEL / "config.json").exists():  # absent when train_vit was skipped (no visual instructions)
         models["vit"] = _loader(paths.VIT_MODEL, params)
+    prompts = Prompts.from_params(params.prompts, paths.manifest("captions"))
     rows = run_ablation(
-        models, records, images, fusion, params.eval.batch_size, params.eval.max_new_tokens, params.eval.seed,
+        models, records, images, fusion, params.eval.batch_size, params.eval.max_new_tokens, params.eval.seed, prompts=prompts,
         progress=lambda name: print(f"evaluate: {name}", flush=True),
     )  # fmt: skip
     metrics = summarise(rows, params.eval.bootstrap_samples, params.eval.seed)
-    prompt = caption_prompt(paths.manifest("captions"))  # captioned as in training
-    seen = perception(models, records, images, prompt, params.eval.batch_size)
+    seen = perception(models, records, images, prompts.describe, params.eval.batch_size)
     if seen is not None:
         metrics["perception"] = seen
     metrics["fusion"] = fusion_file["fusion"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vift.data.manifests import IMAGE_TOKEN, Manifest, reference_of, resolve_image
+from vift.data.manifests import Manifest, caption_instruction, reference_of, resolve_image
 from vift.fusion.method import fused_generate
 from vift.train.collate import load_rgb
 
@@ -21,13 +21,6 @@ from vift.train.collate import load_rgb
 def caption_phrases(caption: str) -> set[str]:
     """``"red circle at top left, blue square at center."`` -> ``{"red circle at top left", "blue square at center"}``."""
     return {phrase.strip() for phrase in caption.strip().rstrip(".").split(",") if phrase.strip()}
-
-
-def caption_prompt(captions_manifest: Path) -> str:
-    """The instruction the training captions were asked with (first record), without the image token."""
-    for record in Manifest(captions_manifest, "conversation", check_images=False):
-        return record.conversations[0].value.replace(IMAGE_TOKEN, "", 1).strip()
-    raise ValueError(f"{captions_manifest}: no caption records")
 
 
 def caption_states_reference(generated: str, reference: str) -> bool:
@@ -65,7 +58,7 @@ def caption_quality(
     references = [reference_of(r) for r in items]
     if not items or any(ref is None or r.image is None for ref, r in zip(references, items)):
         return {"skipped": f"{heldout_manifest}: records need an image and a reference caption ('reference' or 'scene')"}
-    prompt = caption_prompt(captions_manifest)
+    prompt = caption_instruction(captions_manifest)
     images = [load_rgb(resolve_image(Path(image_root), r.image)) for r in items]
     longest = max(len(processor.tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
     was_training = model.training
