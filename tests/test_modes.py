@@ -60,14 +60,15 @@ def test_the_served_model_answers_in_the_mode_calibration_recorded_and_a_request
 
     def spy(model, processor, images, questions, fusion, **kwargs):
         calls.append(("image" if images is not None else "text", list(questions), fusion))
-        return [f"answer-{len(calls)}"] * len(questions)
+        return [f"answer-{len(calls)}\n  and a second line"] * len(questions)
 
     monkeypatch.setattr("vift.fusion.modes.fused_generate", spy)
     frame = pd.DataFrame({"image": [png_base64("red")], "question": ["What colour?"]})
     assert describe_model.mode == "describe_then_answer"
-    assert describe_model.predict(None, frame) == ["answer-2"]
+    assert describe_model.predict(None, frame) == ["answer-2"]  # one clean final answer
     (_, describe, _), (kind, over_caption, _) = calls
-    assert describe == ["Describe the image."] and kind == "text" and over_caption[0].endswith("answer-1\nWhat colour?")
+    assert describe == ["Describe the image."] and kind == "text"
+    assert over_caption[0] == "Scene: answer-1\n  and a second line\nWhat colour?"
     calls.clear()
     describe_model.predict(None, frame, params={"mode": "fused"})
     assert calls[0][0] == "image" and calls[0][2] is describe_model.fusion

@@ -424,8 +424,14 @@ def test_a_version_that_loses_to_its_controls_is_never_champion(ci_params, ci_da
     report = register(workspace)
     assert report["action"] == "registered" and report["aliases"] == {"candidate": "1", "champion": None}
     assert not report["gate"]["promoted"] and report["gate"]["reason"].startswith("kept as candidate: does not beat its controls")
-    version = client_for(sqlite_uri).get_model_version(name, "1")
+    client = client_for(sqlite_uri)
+    version = client.get_model_version(name, "1")
     assert version.tags["vift.gate"] == "kept" and "majority_per_type" in version.tags["vift.gate_decision"]
+    # The model card: what a person reads in the MLflow UI, on the version and (no champion yet) the model.
+    card = version.description
+    assert card.startswith(f"# {name} version 1") and "**served mode**: `fused` (row `vift_fused`" in card
+    assert "**gate**: candidate: kept as candidate" in card and "| vift_fused | 28.0 |" in card
+    assert client.get_registered_model(name).description == card
 
 
 def test_the_registered_model_is_named_after_the_data(ci_params):

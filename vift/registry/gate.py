@@ -319,6 +319,11 @@ def register_run(params, handle: StageRun) -> dict:
                 description=f"ViFT model of run {handle.run_id}: {gate_metric} accuracy {accuracy:.4f}{interval}.",
             )
             gate = _gate(client, name, version, accuracy, gate_metric, margin, failure)
+        card = model_card(params, workspace, name, str(version.version), handle.run_id, served_mode, gate_row_name, gate)
+        with guard(uri, "write the model card"):
+            client.update_model_version(name, version.version, description=card)
+            if gate["promoted"] or _alias(client, name, CHAMPION) is None:  # the page describes what is served
+                client.update_registered_model(name, description=card)
         report["action"] = "registered"
         report["why"] = f"run {handle.run_id} had no registered version"
         report["logged_model_uri"] = info.model_uri
@@ -336,6 +341,38 @@ def register_run(params, handle: StageRun) -> dict:
     handle.tag({"vift.registered_model": name, "vift.registered_version": str(version.version)})
     atomic_write_json(workspace / REGISTRATION_FILE, report)
     return report
+
+
+def model_card(params, workspace: Path, name: str, version: str, run_id: str, served_mode: str, gate_row: str, gate: dict) -> str:
+    """The version's page in the MLflow UI: data, recipe, served mode, the table, the verdict, the gate."""
+    from vift.eval.report import percent
+
+    metrics = json.loads((workspace / METRICS_FILE).read_text())
+    data = params.data
+    summary_file = workspace / paths.DATA_DIR / "summary.json"
+    sizes = json.loads(summary_file.read_text()).get("sizes", {}) if summary_file.is_file() else {}
+    lines = [
+        f"# {name} version {version}",
+        "",
+        f"ViFT (visual instruction-free fine-tuning), pipeline run `{run_id}`, preset `{params.preset}`.",
+        "",
+        f"- **data**: {data.name or data.source}" + (f" (`{data.import_dir}`)" if data.import_dir else "")
+        + (": " + ", ".join(f"{split} {n}" for split, n in sizes.items()) if sizes else ""),
+        f"- **recipe**: base `{params.model.base}`; captions, then text-only instructions mixed with captions "
+        f"({params.train.text.text_ratio:g} text); no visual instructions",
+        f"- **served mode**: `{served_mode}` (row `{gate_row}`; chosen on the calibration split, see fusion.json)",
+        f"- **gate**: {'champion' if gate['promoted'] else 'candidate'}: {gate['reason']}",
+        "",
+        "| row | accuracy % | 95 % CI | n |",
+        "| --- | ---: | --- | ---: |",
+    ]
+    for row, values in metrics.get("rows", {}).items():
+        low, high = values["ci95"]
+        lines.append(f"| {row} | {percent(values['accuracy'])} | {percent(low)}–{percent(high)} | {values['n']} |")
+    verdict = metrics.get("verdict", {})
+    if verdict:
+        lines += ["", f"**Verdict on fusion:** {'beats' if verdict.get('fusion_beats_controls') else 'does NOT beat'} its controls ({verdict.get('rule', '')})."]
+    return "\n".join(lines) + "\n"
 
 
 def tracking_stages() -> tuple[str, ...]:

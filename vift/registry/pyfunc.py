@@ -257,10 +257,11 @@ class ViftModel(mlflow.pyfunc.PythonModel):
         max_new_tokens = _max_new_tokens(params.get("max_new_tokens"), self.max_new_tokens)
         lock = getattr(self, "_lock", None) or threading.Lock()
         with lock:
-            return answer(
+            answers = answer(
                 self.model, self.processor, images, questions, mode, self.fusion, self.batch_size, max_new_tokens,
                 getattr(self, "prompts", None) or Prompts(),
             )  # fmt: skip
+        return [final_answer(text) for text in answers]
 
     def _check_question_lengths(self, questions: list[str]) -> None:
         for row, question in enumerate(questions):
@@ -270,6 +271,11 @@ class ViftModel(mlflow.pyfunc.PythonModel):
             tokens = len(self.processor.tokenizer(question, add_special_tokens=False)["input_ids"])
             if tokens > MAX_QUESTION_TOKENS:
                 raise _invalid(f"row {row}: question has {tokens} tokens; at most {MAX_QUESTION_TOKENS}")
+
+
+def final_answer(text: str) -> str:
+    """The answer a client gets: the first non-empty line, stripped (a model may run on after it)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _max_new_tokens(value: Any, default: int) -> int:
