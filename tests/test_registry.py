@@ -374,6 +374,10 @@ def test_register_gate_and_idempotency(ci_params, ci_data, saved_model, items, e
     assert run.data.tags["vift.registered_version"] == "1"
     v1 = client.get_model_version(name, "1")
     assert v1.tags["vift.run_id"] == first["run_id"] and v1.tags["accuracy.vift_fused"] == "0.5"
+    # Tags hold lineage and what the gate compares; every row's metrics are on the logged model.
+    assert not any(key.startswith("accuracy.") for key in v1.tags if key not in ("accuracy.vift_fused", "accuracy.served"))
+    logged = {m.key: m.value for m in client.get_logged_model(v1.source.removeprefix("models:/")).metrics}
+    assert logged["question_only.accuracy"] == 0.25 and logged["vift_fused.ci95_low"] == pytest.approx(0.4)
 
     # The registered model answers like fused_generate, and params switch fusion off. It is
     # models-from-code: it loads with pickle deserialization forbidden, and no pickle is stored.

@@ -113,20 +113,36 @@ def evidence_failure(evidence: Mapping | None, gate_metric: str) -> Decision | N
     return None
 
 
-def _version_tags(rows: Mapping[str, Any], gate_metric: str, handle: StageRun) -> dict[str, str]:
+def _version_tags(rows: Mapping[str, Any], gate_metric: str, gate_rows: set[str], handle: StageRun) -> dict[str, str]:
+    """Lineage and what the gate compares (``accuracy.<row>`` of the gate rows); metrics of every
+    row go on the logged model (:func:`_log_model_metrics`), not into tags."""
     tags = {
         TAG_RUN: handle.run_id,
         TAG_GATE_METRIC: gate_metric,
         "vift.experiment": handle.experiment,
     }
     for row, values in rows.items():
-        if isinstance(values, Mapping) and isinstance(values.get("accuracy"), (int, float)):
+        if row in gate_rows and isinstance(values, Mapping) and isinstance(values.get("accuracy"), (int, float)):
             tags[ACCURACY_TAG.format(row=row)] = repr(float(values["accuracy"]))
             ci = values.get("ci95")
             if isinstance(ci, (list, tuple)) and len(ci) == 2:
                 tags[f"ci95.{row}"] = json.dumps([float(v) for v in ci])
     tags.update(handle.lineage)  # git commit, dvc.lock hashes
     return {k: str(v) for k, v in tags.items()}
+
+
+def _log_model_metrics(rows: Mapping[str, Any], model_id: str) -> None:
+    """Accuracy and interval of every ablation row, on the logged model (MLflow's model page)."""
+    import mlflow
+
+    metrics = {}
+    for row, values in rows.items():
+        if isinstance(values, Mapping) and isinstance(values.get("accuracy"), (int, float)):
+            metrics[f"{row}.accuracy"] = float(values["accuracy"])
+            ci = values.get("ci95")
+            if isinstance(ci, (list, tuple)) and len(ci) == 2:
+                metrics[f"{row}.ci95_low"], metrics[f"{row}.ci95_high"] = float(ci[0]), float(ci[1])
+    mlflow.log_metrics(metrics, model_id=model_id)
 
 
 def _versions_of_run(client, name: str, run_id: str) -> list:
@@ -308,9 +324,11 @@ def register_run(params, handle: StageRun) -> dict:
                 example_image=image,
                 example_question=question,
             )
-        tags = _version_tags(rows, gate_metric, handle)
+        tags = _version_tags(rows, gate_metric, {gate_metric, gate_row_name}, handle)
         with guard(uri, f"register a version of {name!r}"):
             version = mlflow.register_model(info.model_uri, name, tags=tags)
+        with guard(uri, "log the ablation's metrics on the logged model"):
+            _log_model_metrics(rows, info.model_id)
             ci = gate_row.get("ci95")
             interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if isinstance(ci, list) and len(ci) == 2 else ""
             client.update_model_version(
