@@ -157,3 +157,48 @@ def test_a_template_without_both_fields_is_refused_with_the_field(tmp_path, caps
     assert main(["params", "validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "  prompts: " in err and expected in err
+
+
+class _NoisyCalibrator:
+    """Calibration items where one configuration is right on ``wins`` more items than no fusion."""
+
+    num_layers = 4
+
+    def __init__(self, items: int, wins: int, losses: int = 0):
+        self.batches = [type("Batch", (), {"records": list(range(items))})()]
+        self.items, self.wins, self.losses = items, wins, losses
+
+    def correct(self, spec):
+        base = [i < self.items // 4 for i in range(self.items)]  # no fusion: a quarter right
+        if spec.is_neutral or (spec.a, spec.b) != (1.0, 0.0):
+            return base
+        flipped = list(base)
+        for i in range(self.wins):
+            flipped[self.items // 4 + i] = True
+        for i in range(self.losses):
+            flipped[i] = False
+        return flipped
+
+    def answer_log_likelihood(self, spec):
+        return 0.0
+
+
+def test_calibration_keeps_no_fusion_unless_the_winner_beats_it_beyond_chance_with_the_search_counted():
+    from vift.config.schema import CalibrationParams
+    from vift.fusion.calibrate import search
+
+    params = CalibrationParams(modes=["additive"], weights=[0.0, 1.0], layer_ranges=[(0, 4)], budget=10)
+    # 12 wins, 0 losses on 200 items: McNemar p = 0.0005, below 0.05 / 9 configurations tried: kept.
+    clear = search(_NoisyCalibrator(200, wins=12), params)
+    assert clear["calibration"]["evaluated"] == 9 and clear["calibration"]["best_versus_neutral"]["threshold"] == pytest.approx(0.05 / 9)
+    assert clear["fusion"]["a"] == 1.0 and clear["calibration"]["best_versus_neutral"]["kept_neutral"] is False
+    # 5 wins, 1 loss: the best of the search by accuracy (+2 points) but within chance: no fusion kept, and said.
+    noisy = search(_NoisyCalibrator(200, wins=5, losses=1), params)
+    best = noisy["calibration"]["best_versus_neutral"]
+    assert noisy["calibration"]["best"]["a"] == 1.0 and best["difference"] == pytest.approx(0.02)
+    assert best["kept_neutral"] is True and best["mcnemar_p"] > best["threshold"]
+    assert noisy["fusion"]["a"] == 0.0 and noisy["calibration"]["chosen_is_neutral"] is True
+    assert noisy["calibration"]["accuracy"] == noisy["calibration"]["unfused_accuracy"] == 0.25
+    # The search table shows each configuration's paired difference with no fusion and its interval.
+    row = next(r for r in noisy["search"] if (r["a"], r["b"]) == (1.0, 0.0))
+    assert row["difference_vs_neutral"] == pytest.approx(0.02) and row["ci95_low_vs_neutral"] < row["ci95_high_vs_neutral"]

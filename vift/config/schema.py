@@ -218,6 +218,13 @@ class CalibrationParams(Section):
     )
     budget: Int = Field(60, ge=1, description="most configurations evaluated (coarse grid + refinement)")
     batch_size: Int = Field(32, ge=1)
+    significance: Float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="family-wise level: the best configuration replaces no fusion only with McNemar p below "
+        "significance / configurations evaluated and the paired bootstrap CI above 0; 1 turns the check off",
+    )
 
     @model_validator(mode="after")
     def _search_space_is_not_empty(self) -> CalibrationParams:

@@ -44,7 +44,10 @@ def run(params: Params) -> None:
     calibrator = Calibrator(model, processor, records, calibrator_images, params.fusion.calibrate.batch_size, params.eval.max_new_tokens)
     with Progress() as progress:
         task = progress.add_task("calibrating fusion", total=params.fusion.calibrate.budget)
-        result = search(calibrator, params.fusion.calibrate, lambda done, total: progress.update(task, completed=done))
+        result = search(
+            calibrator, params.fusion.calibrate, lambda done, total: progress.update(task, completed=done),
+            params.eval.bootstrap_samples, params.eval.seed,
+        )  # fmt: skip
     # Timings go to the log, not into outputs: outputs must be byte-identical when rerun.
     print(f"calibrate: {result['calibration']['evaluated']} configurations in {time.time() - started:.0f} s", flush=True)
     result["serving"] = serving_mode(model, processor, records, calibrator_images, FusionSpec.from_dict(result["fusion"]), params)
