@@ -295,14 +295,17 @@ def test_ablation_rows_get_their_own_model_images_and_fusion(monkeypatch):
     """Stub models answer with what they were given: the wrong-image control gets every item another
     item's image (fused), the ViT baseline runs the model loaded from models["vit"]."""
 
+    def name(image) -> str:  # each test image is told apart by its width; a black one says so
+        return f"{'black' if image.getpixel((0, 0)) == (0, 0, 0) else 'image'}{image.size[0] - 1}"
+
     def fake_generate(model, processor, images, questions, fusion, batch_size=16, **kwargs):
-        return [f"{model}|{images[i] if images is not None else '-'}|{fusion is not None}" for i in range(len(questions))]
+        return [f"{model}|{name(images[i]) if images is not None else '-'}|{fusion is not None}" for i in range(len(questions))]
 
     monkeypatch.setattr("vift.eval.runner.fused_generate", fake_generate)
     monkeypatch.setattr("vift.fusion.modes.fused_generate", fake_generate)  # describe_then_answer
     n = 6
     records = [VQARecord(id=str(i), image=f"{i}.png", question=f"question {i}", answer="1", type="count") for i in range(n)]
-    images = [f"image{i}" for i in range(n)]
+    images = [Image.new("RGB", (i + 1, 1), "white") for i in range(n)]
     models = {name: (lambda name=name: (f"{name}-model", "processor")) for name in ("caption", "vift", "vit")}
     fusion = FusionSpec(a=1.0)
     rows = run_ablation(models, records, images, fusion, batch_size=4, max_new_tokens=3, seed=5)
@@ -314,8 +317,10 @@ def test_ablation_rows_get_their_own_model_images_and_fusion(monkeypatch):
     wrong = given("fused_wrong_image")
     assert {model for model, _, _ in wrong} == {"vift-model"} and {f for _, _, f in wrong} == {"True"}
     wrong_images = [image for _, image, _ in wrong]
-    assert sorted(wrong_images) == sorted(images)
+    assert sorted(wrong_images) == sorted(f"image{i}" for i in range(n))
     assert all(image != f"image{i}" for i, image in enumerate(wrong_images))
     assert given("vit_baseline") == [["vit-model", f"image{i}", "False"] for i in range(n)]
     assert given("caption_only") == [["caption-model", f"image{i}", "False"] for i in range(n)]
     assert given("question_only") == [["vift-model", "-", "False"] for i in range(n)]
+    # The blank-image control: fused, over a black image of each item's own size.
+    assert given("fused_blank_image") == [["vift-model", f"black{i}", "True"] for i in range(n)]

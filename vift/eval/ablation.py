@@ -9,6 +9,9 @@ Rows (each: accuracy, Wilson 95 % interval, n, per question type):
 - ``question_only`` (control): the stage-2 model, the question without the image.
 - ``fused_wrong_image`` (control): the calibrated fusion with every question paired with another
   item's image; a gain this row also gets is a text prior, not perception.
+- ``fused_blank_image`` (control): the calibrated fusion over a black image of the same size (the
+  reference code's commented-out variant subtracts a black-image pass): what fusion gives with no
+  visual content at all.
 - ``majority_per_type`` (control): the most common gold answer of each question type (in the
   evaluated split itself: an upper bound for any answer prior per type).
 - ``oracle_description`` (ceiling, when test records carry a reference description): the stage-2
@@ -24,6 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from vift.data.manifests import reference_of
 from vift.eval.runner import predict, prediction_rows, score
@@ -31,7 +35,7 @@ from vift.eval.stats import paired_comparison
 from vift.fusion.method import FusionSpec
 from vift.fusion.modes import CAPTION_TOKENS, Prompts, describe_then_answer
 
-CONTROLS = ("vift_unfused", "question_only", "fused_wrong_image")
+CONTROLS = ("vift_unfused", "question_only", "fused_wrong_image", "fused_blank_image")
 COMPARED_WITH_FUSED = (*CONTROLS, "describe_then_answer", "vit_baseline", "caption_only")
 # What any servable row must beat to count as using the image at all: the question alone and the
 # best answer prior per type. The registry's gate reads these (metrics.json "evidence").
@@ -88,6 +92,9 @@ def run_ablation(
     step("fused_wrong_image")
     shuffled = [images[i] for i in wrong_image_order(len(images), seed)]
     rows["fused_wrong_image"] = predict(model, processor, records, shuffled, fusion, **run)
+    step("fused_blank_image")
+    blank = [Image.new("RGB", image.size, "black") for image in images]
+    rows["fused_blank_image"] = predict(model, processor, records, blank, fusion, **run)
     step("describe_then_answer")
     answers, captions = describe_then_answer(
         model, processor, images, [r.question for r in records], batch_size, max_new_tokens, prompts, caption_tokens
@@ -122,7 +129,7 @@ def summarise(rows: dict[str, list[dict]], bootstrap_samples: int, seed: int) ->
         for other in COMPARED_WITH_FUSED
         if other in rows
     }
-    beats = {other: paired[f"vift_fused_vs_{other}"]["ci95"][0] > 0 for other in CONTROLS}
+    beats = {other: paired[f"vift_fused_vs_{other}"]["ci95"][0] > 0 for other in CONTROLS if other in rows}
     evidence = {
         row: {
             control: paired_comparison(
@@ -141,7 +148,7 @@ def summarise(rows: dict[str, list[dict]], bootstrap_samples: int, seed: int) ->
         "verdict": {
             "fusion_beats_controls": all(beats.values()),
             "beats": beats,
-            "rule": "vift_fused must beat vift_unfused, question_only and fused_wrong_image with the paired "
+            "rule": "vift_fused must beat vift_unfused, question_only, fused_wrong_image and fused_blank_image (those present) with the paired "
             "bootstrap 95 % CI of the accuracy difference above 0",
         },
     }
