@@ -324,3 +324,40 @@ def test_ablation_rows_get_their_own_model_images_and_fusion(monkeypatch):
     assert given("question_only") == [["vift-model", "-", "False"] for i in range(n)]
     # The blank-image control: fused, over a black image of each item's own size.
     assert given("fused_blank_image") == [["vift-model", f"black{i}", "True"] for i in range(n)]
+
+
+# --- scoring corners the mutation run found unguarded (docs/TESTING.md) --------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "correct"),
+    [("C", True), ("The answer is C.", True), ("blue", True), ("B", False), ("green", False), ("c", True)],
+)
+def test_multiple_choice_gold_given_as_the_option_text_is_its_letter(prediction, correct):
+    record = VQARecord(id="q", image="a.png", question="Which colour?", answer="blue", choices=["red", "green", "blue"])
+    assert score_answer(record, prediction)["correct"] is correct
+
+
+def test_yes_no_gold_takes_the_first_yes_or_no_and_nothing_else():
+    from vift.eval.answers import extract_answer
+
+    assert extract_answer("Yes, there are more red shapes.", "yes") == "yes"
+    assert extract_answer("I think no.", "yes") == "no"
+    assert extract_answer("maybe", "yes") == ""
+    record = VQARecord(id="q", image="a.png", question="More red?", answer="yes")
+    assert score_answer(record, "Yes, there are more red shapes.")["correct"] is True
+
+
+@pytest.mark.parametrize(
+    ("gold", "prediction", "correct"),
+    [("1000000", "1000000.5", True), ("1000000", "1000002", False), ("0.5", "0.5000015", False), ("0.5", "0.5000005", True)],
+)
+def test_numeric_tolerance_is_relative_to_the_gold_with_an_absolute_floor_of_one_millionth(gold, prediction, correct):
+    record = VQARecord(id="q", image="a.png", question="How many?", answer=gold)
+    assert score_answer(record, prediction)["correct"] is correct
+
+
+def test_free_text_answers_compare_with_whitespace_and_end_punctuation_normalised():
+    record = VQARecord(id="q", image="a.png", question="Which colour?", answer="dark blue")
+    assert score_answer(record, "Dark   blue.")["correct"] is True
+    assert score_answer(record, "dark")["correct"] is False
