@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,6 +28,7 @@ from vift.fusion.families import adapter_for
 from vift.fusion.hooks import PrefillEditor, capture_layer_inputs
 from vift.fusion.method import NEUTRAL, FusionSpec, align_right, capture_states, fused_positions, steered_generate
 from vift.model.loading import decoder_layers
+from vift.registry import gate
 
 # --- statistics -------------------------------------------------------------------------------
 
@@ -361,3 +363,155 @@ def test_free_text_answers_compare_with_whitespace_and_end_punctuation_normalise
     record = VQARecord(id="q", image="a.png", question="Which colour?", answer="dark blue")
     assert score_answer(record, "Dark   blue.")["correct"] is True
     assert score_answer(record, "dark")["correct"] is False
+
+
+# --- paired comparison corners the mutation run found unguarded ---------------------------------
+
+
+def test_paired_comparison_takes_plain_booleans_and_counts_both_discordant_sides():
+    first = [True, True, False, False, True]
+    second = [True, False, True, False, False]
+    result = paired_comparison(first, second, 500, 0)
+    assert result["difference"] == pytest.approx(0.2)
+    assert (result["only_first_correct"], result["only_second_correct"]) == (2, 1)
+    assert result["mcnemar_p"] == pytest.approx(scipy_stats.binomtest(2, 3, 0.5).pvalue)
+
+
+def test_paired_comparison_without_resampling_or_items_is_the_plain_difference():
+    assert paired_comparison([True, False], [False, False], 0, 0)["ci95"] == [0.5, 0.5]
+    empty = paired_comparison([], [], 1000, 0)
+    assert (empty["difference"], empty["ci95"], empty["mcnemar_p"]) == (0.0, [0.0, 0.0], 1.0)
+    identical = paired_comparison([True, False, True], [True, False, True], 100, 0)
+    assert identical["mcnemar_p"] == 1.0
+
+
+def test_paired_comparison_is_reproducible_from_its_seed():
+    rng = np.random.default_rng(1)
+    first, second = list(rng.random(60) < 0.6), list(rng.random(60) < 0.4)
+    runs = [paired_comparison(first, second, 300, seed)["ci95"] for seed in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_paired_comparison_refuses_unpaired_lists_by_name():
+    with pytest.raises(ValueError, match="^paired comparison needs the same items in both$"):
+        paired_comparison([True], [True, False], 10, 0)
+
+
+# --- the served-mode choice and the registry gate: boundaries the mutation run found unguarded ----
+
+
+def _comparison(low: float, p: float, difference: float = 0.1) -> dict:
+    return {"difference": difference, "ci95": [low, low + 0.2], "mcnemar_p": p}
+
+
+@pytest.mark.parametrize(
+    ("low", "p", "served"),
+    [(0.01, 0.01, "fused"), (0.0, 0.01, "plain"), (-0.01, 0.01, "plain"), (0.01, 0.05, "plain"), (0.01, 0.049, "fused")],
+)
+def test_a_mode_is_served_only_with_the_interval_strictly_above_0_and_p_strictly_below_005(low, p, served):
+    from vift.fusion.modes import choose_mode
+
+    correct = {"plain": [False, True], "fused": [True, True], "describe_then_answer": [False, False]}
+    compare = {"fused": _comparison(low, p), "describe_then_answer": _comparison(-0.5, 1.0)}
+    chosen = choose_mode(correct, lambda first, second: compare["fused" if first == correct["fused"] else "describe_then_answer"])
+    assert chosen["mode"] == served
+    assert set(chosen["versus_plain"]) == {"fused", "describe_then_answer"}  # plain is not compared with itself
+    assert chosen["accuracy"] == {"plain": 0.5, "fused": 1.0, "describe_then_answer": 0.0}
+    assert chosen["rule"] == (
+        "plain unless a mode beats it on the calibration split with the paired bootstrap 95 % CI above 0 "
+        "and McNemar p < 0.05; then the most accurate such mode"
+    )
+
+
+@pytest.mark.parametrize(("describe", "fused", "served"), [(0.9, 0.8, "describe_then_answer"), (0.8, 0.9, "fused"), (0.8, 0.8, "fused")])
+def test_among_modes_beyond_chance_the_most_accurate_is_served_ties_to_the_earlier_mode(describe, fused, served):
+    from vift.fusion.modes import choose_mode
+
+    n = 10
+    correct = {
+        "plain": [False] * n,
+        "fused": [i < fused * n for i in range(n)],
+        "describe_then_answer": [i < describe * n for i in range(n)],
+    }
+    assert choose_mode(correct, lambda first, second: _comparison(0.1, 0.001))["mode"] == served
+    assert choose_mode({"plain": [True], "fused": [True]}, lambda a, b: _comparison(-1, 1))["accuracy"] == {"plain": 1.0, "fused": 1.0}
+
+
+def test_gate_decisions_say_why_in_words():
+    assert gate.decide(0.5, None, 0.0, None).reason == "no champion yet: the first gated version becomes champion"
+    kept = gate.decide(0.9, None, 0.0, "3")
+    assert kept.promote is False and kept.reason == (
+        "champion version 3 has no accuracy tag for this gate metric, so it cannot be compared; champion kept "
+        "(move the alias by hand if intended)"
+    )
+    assert gate.decide(0.61, 0.5, 0.1, "1").reason == "0.6100 beats champion 0.5000 by more than the margin 0.1"
+    lost = gate.decide(0.6, 0.5, 0.1, "1")
+    assert lost.promote is False and lost.reason == "0.6000 does not beat champion 0.5000 by more than the margin 0.1"
+
+
+@pytest.mark.parametrize(("low", "p", "passes"), [(0.01, 0.01, True), (0.0, 0.01, False), (0.01, 0.05, False)])
+def test_the_evidence_gate_needs_the_interval_strictly_above_0_and_p_strictly_below_005(low, p, passes):
+    evidence = {"question_only": _comparison(low, p), "majority_per_type": _comparison(0.2, 0.001)}
+    failure = gate.evidence_failure(evidence, "vift_fused")
+    assert (failure is None) is passes
+    if not passes:
+        assert failure.promote is False
+
+
+def test_the_evidence_gate_reports_every_control_it_lost_to_in_one_reason():
+    missing_first = {"majority_per_type": {"difference": -0.1, "ci95": [-0.2, 0.05]}}  # no McNemar p recorded: not evidence
+    failure = gate.evidence_failure(missing_first, "describe_then_answer")
+    assert failure.promote is False
+    assert failure.reason == (
+        "kept as candidate: does not beat its controls (no comparison with question_only; describe_then_answer - "
+        "majority_per_type = -0.1000, 95 % CI [-0.2000, +0.0500], McNemar p = 1: not above 0 beyond chance)"
+    )
+    absent = gate.evidence_failure(None, "vift_fused")
+    assert absent.promote is False
+
+
+# --- the ablation's summary, controls and helpers: gaps the mutation run found -------------------
+
+
+def _row(correct: list[bool]) -> list[dict]:
+    return [{"id": str(i), "correct": c, "type": "count"} for i, c in enumerate(correct)]
+
+
+def test_summarise_reports_rows_paired_comparisons_evidence_and_the_rule_with_one_seed():
+    rng = np.random.default_rng(3)
+    correct = {name: list(rng.random(40) < p) for name, p in (("vift_fused", 0.7), ("vift_unfused", 0.3), ("question_only", 0.4),
+               ("fused_wrong_image", 0.35), ("majority_per_type", 0.25), ("describe_then_answer", 0.8))}  # fmt: skip
+    metrics = summarise({name: _row(c) for name, c in correct.items()}, 200, 11)
+    assert metrics["rows"]["vift_fused"]["accuracy"] == pytest.approx(sum(correct["vift_fused"]) / 40)
+    assert metrics["paired"]["vift_fused_vs_question_only"] == paired_comparison(correct["vift_fused"], correct["question_only"], 200, 11)
+    assert set(metrics["evidence"]) == {"vift_fused", "vift_unfused", "describe_then_answer"}
+    assert metrics["evidence"]["describe_then_answer"]["majority_per_type"] == paired_comparison(
+        correct["describe_then_answer"], correct["majority_per_type"], 200, 11
+    )
+    assert set(metrics["verdict"]["beats"]) == {"vift_unfused", "question_only", "fused_wrong_image"}
+    assert metrics["verdict"]["rule"] == (
+        "vift_fused must beat vift_unfused, question_only, fused_wrong_image and fused_blank_image (those present) "
+        "with the paired bootstrap 95 % CI of the accuracy difference above 0"
+    )
+    with pytest.raises(ValueError, match="^row question_only does not cover the same items as vift_fused$"):
+        summarise({"vift_fused": _row([True, False]), "question_only": _row([True])}, 10, 0)
+
+
+def test_majority_per_type_guesses_the_commonest_answer_also_for_untyped_records():
+    from vift.eval.ablation import majority_rows
+
+    records = [VQARecord(id=str(i), image="a.png", question="?", answer=a, type=t)
+               for i, (a, t) in enumerate([("2", None), ("2", None), ("3", None), ("yes", "compare"), ("no", "compare"), ("no", "compare")])]  # fmt: skip
+    assert [r["prediction"] for r in majority_rows(records)] == ["2", "2", "2", "no", "no", "no"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7])
+def test_wrong_image_order_is_a_derangement_for_every_size_and_identity_only_below_two(n):
+    from vift.eval.ablation import wrong_image_order
+
+    order = wrong_image_order(n, seed=4)
+    assert sorted(order) == list(range(n))
+    if n >= 2:
+        assert all(order[i] != i for i in range(n))
+    else:
+        assert order == list(range(n))
