@@ -67,3 +67,15 @@ def env(monkeypatch, tmp_path):
     for name, value in isolated_env(tmp_path / "env", bin_dir).items():
         monkeypatch.setenv(name, value)
     return os.environ
+
+
+@pytest.fixture
+def ci_workspace(tmp_path, monkeypatch) -> Path:
+    """An empty workspace (the current directory) with the ci preset active and tracking off."""
+    from vift.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VIFT_TRACKING", "off")
+    assert main(["params", "use", "ci"]) == 0
+    return tmp_path
+

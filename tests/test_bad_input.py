@@ -25,14 +25,6 @@ def run(capsys, *argv) -> tuple[int, str]:
     return code, captured.err
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VIFT_TRACKING", "off")
-    assert main(["params", "use", "ci"]) == 0
-    return tmp_path
-
-
 # ----------------------------------------------------------------------------------------------
 # Parameter files and --set values
 # ----------------------------------------------------------------------------------------------
@@ -93,14 +85,14 @@ def test_learning_rates_written_as_1e_minus_4_still_work(tmp_path, capsys):
         ("seed={a: 1, a: 2}", "duplicate key 'a'"),
     ],
 )
-def test_bad_overrides_exit_2_and_leave_the_active_file_alone(workspace, capsys, override, expected):
+def test_bad_overrides_exit_2_and_leave_the_active_file_alone(ci_workspace, capsys, override, expected):
     before = PARAMS.read_bytes()
     code, err = run(capsys, "params", "use", "ci", "--set", override)
     assert code == 2 and expected in err
     assert PARAMS.read_bytes() == before
 
 
-def test_a_full_disk_or_read_only_folder_is_a_message_not_a_traceback(workspace, capsys, monkeypatch):
+def test_a_full_disk_or_read_only_folder_is_a_message_not_a_traceback(ci_workspace, capsys, monkeypatch):
     before = PARAMS.read_bytes()
 
     def full(src, dst):
@@ -165,7 +157,7 @@ def import_fails(capsys, source: Path, *expected: str) -> str:
     return err
 
 
-def test_the_valid_dataset_imports(workspace, dataset, capsys):
+def test_the_valid_dataset_imports(ci_workspace, dataset, capsys):
     assert run(capsys, "data", "import", dataset)[0] == 0
 
 
@@ -179,17 +171,17 @@ def test_the_valid_dataset_imports(workspace, dataset, capsys):
     ],
     ids=["malformed", "deep-nesting", "huge-int", "over-long-path"],
 )
-def test_hostile_manifest_lines_are_reported_by_file_and_line(workspace, dataset, capsys, line, expected):
+def test_hostile_manifest_lines_are_reported_by_file_and_line(ci_workspace, dataset, capsys, line, expected):
     write_lines(dataset / "captions.jsonl", [caption(0), line, caption(2)])
     import_fails(capsys, dataset, expected)
 
 
-def test_a_non_utf8_manifest_is_named(workspace, dataset, capsys):
+def test_a_non_utf8_manifest_is_named(ci_workspace, dataset, capsys):
     (dataset / "test.jsonl").write_bytes(json.dumps(vqa(0)).encode() + b"\n\xff\xfe\xfa\n")
     import_fails(capsys, dataset, "test.jsonl: not UTF-8 text")
 
 
-def test_images_are_decoded_at_validation_and_pixel_bombs_refused(workspace, dataset, capsys):
+def test_images_are_decoded_at_validation_and_pixel_bombs_refused(ci_workspace, dataset, capsys):
     from tests.test_security import bomb_png
 
     data = (dataset / "img" / "0.png").read_bytes()
@@ -199,7 +191,7 @@ def test_images_are_decoded_at_validation_and_pixel_bombs_refused(workspace, dat
     import_fails(capsys, dataset, "captions.jsonl:2: image unreadable or corrupt", "captions.jsonl:3:", "over the 40,000,000-pixel limit")
 
 
-def test_split_roles_are_enforced(workspace, dataset, capsys):
+def test_split_roles_are_enforced(ci_workspace, dataset, capsys):
     # Text instructions made of image records would silently turn ViFT into visual instruction tuning.
     write_lines(dataset / "text_instructions.jsonl", [caption(0)])
     import_fails(capsys, dataset, "text_instructions.jsonl:1: record 'c0': every record of this split must not have an image")
@@ -208,7 +200,7 @@ def test_split_roles_are_enforced(workspace, dataset, capsys):
     import_fails(capsys, dataset, "test.jsonl:2: record 'q1': every record of this split needs an image")
 
 
-def test_an_all_bad_split_is_refused_even_when_skipping(workspace, dataset, capsys):
+def test_an_all_bad_split_is_refused_even_when_skipping(ci_workspace, dataset, capsys):
     # Before: imported, then every row of the table read 0.0 % with n = 0.
     write_lines(dataset / "test.jsonl", [vqa(0, "img/missing.png"), vqa(1, "img/missing.png")])
     import_fails(capsys, dataset, "test.jsonl: all 2 record(s) invalid")
@@ -217,7 +209,7 @@ def test_an_all_bad_split_is_refused_even_when_skipping(workspace, dataset, caps
     assert PARAMS.read_bytes() == before
 
 
-def test_named_pipes_symlink_loops_and_broken_links_in_the_folder(workspace, dataset, capsys):
+def test_named_pipes_symlink_loops_and_broken_links_in_the_folder(ci_workspace, dataset, capsys):
     os.mkfifo(dataset / "img" / "pipe.png")
     (dataset / "img" / "loop.png").symlink_to(dataset / "img" / "loop.png")
     (dataset / "img" / "broken.png").symlink_to(dataset / "img" / "gone.png")
@@ -242,7 +234,7 @@ def test_a_yaml_alias_bomb_is_refused_without_expanding_it(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("split", ["captions", "text_instructions", "calibration", "test"])
-def test_a_required_split_missing_fails_at_import_naming_who_reads_it(workspace, dataset, capsys, split):
+def test_a_required_split_missing_fails_at_import_naming_who_reads_it(ci_workspace, dataset, capsys, split):
     (dataset / f"{split}.jsonl").unlink()
     import_fails(capsys, dataset, f"{split}.jsonl: missing; read by", "docs/STORAGE.md")
 

@@ -47,7 +47,10 @@ def mostly(good, bad):
 
 def quiet_main(argv: list[str], capsys) -> tuple[int, str]:
     capsys.readouterr()
-    code = main(argv)  # any exception other than a handled one fails the test: that is the property
+    try:
+        code = main(argv)  # any exception other than a handled one fails the test: that is the property
+    except SystemExit as exit_:  # argparse's own refusal (e.g. `--set -=`): usage and exit 2, no traceback
+        code = exit_.code
     event(f"exit {code}")  # --hypothesis-show-statistics: how many cases passed and how many were refused
     captured = capsys.readouterr()
     return code, captured.err
@@ -110,14 +113,6 @@ def params_documents(draw) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VIFT_TRACKING", "off")
-    assert main(["params", "use", "ci"]) == 0
-    return tmp_path
-
-
 @fuzz_settings(400)
 @given(document=params_documents())
 def test_any_parameters_file_validates_or_is_refused_with_exit_2(tmp_path, capsys, document):
@@ -134,7 +129,7 @@ def test_any_parameters_file_validates_or_is_refused_with_exit_2(tmp_path, capsy
     key=mostly(st.sampled_from(KEYS), st.text(max_size=20)),
     value=mostly(st.sampled_from(["1", "2", "0.5", "1e-4", "true", "tiny", "null", "[0, 2]", "[]", "{}"]), st.text(max_size=40)),
 )
-def test_any_override_applies_or_is_refused_and_the_active_file_is_kept(workspace, capsys, key, value):
+def test_any_override_applies_or_is_refused_and_the_active_file_is_kept(ci_workspace, capsys, key, value):
     active = Path("params/params.yaml")
     before = active.read_bytes()
     code, err = quiet_main(["params", "use", "ci", "--set", f"{key}={value}"], capsys)
@@ -197,7 +192,7 @@ manifest_sets = st.lists(st.sampled_from(SPLIT_NAMES), min_size=1, max_size=3, u
     as_array=st.booleans(),
     skip=st.booleans(),
 )
-def test_any_manifest_folder_imports_or_is_refused_and_nothing_is_written(workspace, tmp_path, capsys, manifests, as_array, skip):
+def test_any_manifest_folder_imports_or_is_refused_and_nothing_is_written(ci_workspace, tmp_path, capsys, manifests, as_array, skip):
     source = tmp_path / "source"
     shutil.rmtree(source, ignore_errors=True)  # one folder, rewritten for every example
     source.mkdir()

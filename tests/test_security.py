@@ -173,14 +173,6 @@ TEXT_RECORD = json.dumps({"id": "t0", "conversations": [{"from": "human", "value
 REQUIRED = {"captions.jsonl", "calibration.jsonl", "test.jsonl", "text_instructions.jsonl"}
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VIFT_TRACKING", "off")
-    assert main(["params", "use", "ci"]) == 0
-    return tmp_path
-
-
 def imported_files() -> set[str]:
     from vift.config import load_params
 
@@ -188,7 +180,7 @@ def imported_files() -> set[str]:
     return {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
 
 
-def test_import_copies_only_referenced_files_and_no_link_targets(workspace, tmp_path, capsys):
+def test_import_copies_only_referenced_files_and_no_link_targets(ci_workspace, tmp_path, capsys):
     outside = tmp_path / "host"
     (outside / "secrets").mkdir(parents=True)
     (outside / "secrets" / "key.txt").write_text("PRIVATE")
@@ -202,7 +194,7 @@ def test_import_copies_only_referenced_files_and_no_link_targets(workspace, tmp_
 
 
 @pytest.mark.parametrize("link", ["manifest", "image", "image_folder"])
-def test_import_refuses_links_that_resolve_outside_the_folder(workspace, tmp_path, capsys, link):
+def test_import_refuses_links_that_resolve_outside_the_folder(ci_workspace, tmp_path, capsys, link):
     source = small_dataset(tmp_path / "external")
     host = tmp_path / "host"
     host.mkdir()
@@ -226,13 +218,13 @@ def test_import_refuses_links_that_resolve_outside_the_folder(workspace, tmp_pat
     assert Path("params/params.yaml").read_bytes() == params_before
 
 
-def test_importing_the_current_folder_does_not_copy_it_into_itself(workspace, capsys):
+def test_importing_the_current_folder_does_not_copy_it_into_itself(ci_workspace, capsys):
     small_dataset(Path("."))  # the workspace itself holds the manifests
     assert main(["data", "import", "."]) == 0
     assert imported_files() == REQUIRED | {"img/0.png", "img/1.png"}
 
 
-def test_orphaned_temporary_folders_are_removed_and_imports_run_one_at_a_time(workspace, tmp_path):
+def test_orphaned_temporary_folders_are_removed_and_imports_run_one_at_a_time(ci_workspace, tmp_path):
     from vift import paths
     from vift.config import load_params
     from vift.io import file_lock
@@ -268,7 +260,7 @@ def test_orphaned_temporary_folders_are_removed_and_imports_run_one_at_a_time(wo
 # ----------------------------------------------------------------------------------------------
 
 
-def test_vift_info_does_not_print_the_tracking_password(workspace, monkeypatch, capsys):
+def test_vift_info_does_not_print_the_tracking_password(ci_workspace, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:hunter2@127.0.0.1:9/")
     capsys.readouterr()
     assert main(["info", "--json"]) == 0

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from vift import paths
 from vift.errors import UserError
-from vift.io import atomic_write_json
+from vift.io import atomic_write_json, file_lock
 
 STATE_DIR = Path(".vift")
 RUN_FILE = STATE_DIR / "mlflow_run.json"
@@ -613,22 +613,9 @@ class WorkspaceRun:
     def save(self, state: dict) -> None:
         atomic_write_json(self.path, state)
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self):
         """Serialise run resolution between stages started concurrently (e.g. parallel Prefect tasks)."""
-        lock_path = self.workspace / LOCK_FILE
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no cross-process lock
-            yield
-            return
-        with open(lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.workspace / LOCK_FILE)
 
     def update(self, change) -> dict | None:
         with self.locked():
