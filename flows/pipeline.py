@@ -80,16 +80,15 @@ class PipelineParameters(BaseModel):
         except UserError as error:
             raise ValueError(str(error)) from None
 
-    def data_source(self) -> str:
-        return self.effective().data.source
-
-    def digest(self) -> str:
-        text = json.dumps(self.effective().model_dump(mode="json"), sort_keys=True)
+    def digest(self, effective: Params | None = None) -> str:
+        effective = effective or self.effective()
+        text = json.dumps(effective.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def name(self) -> str:
         """The flow run's and the isolated workspace's name: preset, data source and the digest."""
-        return f"{self.preset}-{self.data_source()}-{self.digest()}"
+        effective = self.effective()  # reads the preset and the workspace's params file: once
+        return f"{self.preset}-{effective.data.source}-{self.digest(effective)}"
 
 
 def run_name() -> str:

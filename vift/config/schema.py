@@ -283,7 +283,7 @@ class PromptParams(Section):
     over_description: str = Field(
         "Scene: {description}\n{question}",  # ShapeTally's text_prompt (vift/data/world.py); a test keeps them equal
         description="a question asked over a description as text ({description} and {question}): "
-        "describe_then_answer, the oracle_description row and the tiny base's text check; match your text instructions",
+        "describe_then_answer and the oracle_description row; match your text instructions",
     )
 
     @model_validator(mode="after")

@@ -19,6 +19,17 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+SIGNIFICANCE = 0.05
+
+
+def beyond_chance(comparison: dict, alpha: float = SIGNIFICANCE) -> bool:
+    """Whether a :func:`paired_comparison` shows ``first`` better beyond chance: the paired
+    bootstrap interval above 0 **and** the exact McNemar p below ``alpha``. Both, because with a
+    handful of discordant items all one way (4 wins, 0 losses) the percentile bootstrap already
+    excludes 0 while McNemar gives p = 0.125. A missing p counts as no evidence."""
+    return comparison["ci95"][0] > 0 and comparison.get("mcnemar_p", 1.0) < alpha
+
+
 def paired_comparison(first: Sequence[bool], second: Sequence[bool], samples: int, seed: int) -> dict:
     """``first`` vs ``second`` on the same items: difference, paired bootstrap 95 % CI, exact McNemar p."""
     a = np.asarray(first, dtype=float)

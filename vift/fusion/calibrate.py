@@ -21,7 +21,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from vift.config.schema import CalibrationParams
 from vift.eval.answers import score_answer
-from vift.eval.stats import paired_comparison
+from vift.eval.stats import beyond_chance, paired_comparison
 from vift.fusion.families import adapter_for
 from vift.fusion.method import NEUTRAL, FusionSpec, capture_states, steered_generate
 from vift.model.loading import decoder_layers
@@ -114,10 +114,6 @@ class Calibrator:
                 out.append(bool(score_answer(record, text)["correct"]))
         return out
 
-    def accuracy(self, spec: FusionSpec) -> float:
-        items = self.correct(spec)
-        return sum(items) / max(1, len(items))
-
     def answer_log_likelihood(self, spec: FusionSpec) -> float:
         """Mean log-likelihood (nats) of the gold answers, end-of-turn token included."""
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -204,8 +200,9 @@ def search(calibrator: Calibrator, params: CalibrationParams, progress=None, boo
     for spec in tied if len(tied) > 1 else []:
         table[spec]["answer_log_likelihood"] = calibrator.answer_log_likelihood(spec)
     best = max(tied, key=lambda s: table[s].get("answer_log_likelihood", 0.0))
+    versus_neutral = {}
     for spec, row in table.items():  # each configuration against no fusion, on the same items
-        comparison = paired_comparison(correct[spec], correct[NEUTRAL], bootstrap_samples, seed)
+        comparison = versus_neutral[spec] = paired_comparison(correct[spec], correct[NEUTRAL], bootstrap_samples, seed)
         row.update(
             difference_vs_neutral=comparison["difference"],
             ci95_low_vs_neutral=comparison["ci95"][0],
@@ -216,9 +213,7 @@ def search(calibrator: Calibrator, params: CalibrationParams, progress=None, boo
     # (Bonferroni over the configurations evaluated): the best of 60 noisy configurations on 200
     # items otherwise "wins" by luck (measured: 14.5 % vs 5.0 % on calibration, nothing on test).
     threshold = params.significance / len(table)
-    significant = best.is_neutral or (
-        table[best]["ci95_low_vs_neutral"] > 0 and table[best]["mcnemar_p_vs_neutral"] < threshold
-    )
+    significant = best.is_neutral or beyond_chance(versus_neutral[best], threshold)
     chosen = best if significant or params.significance >= 1 else NEUTRAL
     rows = [{**spec.to_dict(), "layer_end": spec.layer_range(calibrator.num_layers)[1], **row} for spec, row in table.items()]
     return {
@@ -228,9 +223,7 @@ def search(calibrator: Calibrator, params: CalibrationParams, progress=None, boo
             "best_accuracy": top,
             "best": {**best.to_dict(), "layer_end": best.layer_range(calibrator.num_layers)[1]},
             "best_versus_neutral": {
-                "difference": table[best]["difference_vs_neutral"],
-                "ci95": [table[best]["ci95_low_vs_neutral"], table[best]["ci95_high_vs_neutral"]],
-                "mcnemar_p": table[best]["mcnemar_p_vs_neutral"],
+                **{key: versus_neutral[best][key] for key in ("difference", "ci95", "mcnemar_p")},
                 "threshold": threshold,
                 "kept_neutral": chosen is not best,
             },

@@ -17,13 +17,13 @@ from pathlib import Path
 
 from vift.data.manifests import caption_instruction
 from vift.data.world import DESCRIBE_PROMPT, SCENE_PREFIX
+from vift.eval.stats import SIGNIFICANCE, beyond_chance
 from vift.fusion.method import FusionSpec, fused_generate
 
 MODES = ("plain", "fused", "describe_then_answer")
 MODE_ROWS = {"plain": "vift_unfused", "fused": "vift_fused", "describe_then_answer": "describe_then_answer"}
 DEFAULT_MODE = "fused"  # what a fusion.json without a recorded mode (older calibrations) serves
 CAPTION_TOKENS = 64
-SIGNIFICANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ def describe_then_answer(
 ) -> tuple[list[str], list[str]]:  # fmt: skip
     """(answers, captions): each image captioned, then its question answered over the caption as text."""
     captions = fused_generate(model, processor, images, [prompts.describe] * len(questions), None, batch_size=batch_size, max_new_tokens=caption_tokens)
-    prompts = [prompts.over(caption, question) for caption, question in zip(captions, questions)]
-    answers = fused_generate(model, processor, None, prompts, None, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    over_captions = [prompts.over(caption, question) for caption, question in zip(captions, questions)]
+    answers = fused_generate(model, processor, None, over_captions, None, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return answers, captions
 
 
@@ -79,9 +79,7 @@ def choose_mode(correct: dict[str, Sequence[bool]], compare) -> dict:
     """
     accuracy = {mode: sum(items) / max(1, len(items)) for mode, items in correct.items()}
     versus_plain = {mode: compare(correct[mode], correct["plain"]) for mode in correct if mode != "plain"}
-    # Both tests: with a handful of discordant items all one way (4 wins, 0 losses) the bootstrap
-    # interval already excludes 0 while the exact McNemar test (p = 0.125) does not.
-    winners = [mode for mode, c in versus_plain.items() if c["ci95"][0] > 0 and c["mcnemar_p"] < SIGNIFICANCE]
+    winners = [mode for mode, comparison in versus_plain.items() if beyond_chance(comparison)]
     mode = max(winners, key=lambda m: (accuracy[m], -MODES.index(m))) if winners else "plain"
     return {
         "mode": mode,

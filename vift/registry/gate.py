@@ -3,8 +3,8 @@
 ``register_run`` registers the pipeline run's model as a new version of the registered model
 (``registry.model_name``, default ``vift-<data name or source>``), points the alias ``candidate``
 at it, and moves ``champion`` to it only if the gate row (``registry.gate_metric``, default
-``vift_fused``) beats ``question_only`` and ``majority_per_type`` (paired 95 % CI above 0, from
-metrics.json's ``evidence``) and its accuracy beats the current champion's by more than
+``served``: the row of the inference mode calibration chose) beats ``question_only`` and ``majority_per_type`` beyond chance (paired 95 % CI above 0 and McNemar
+p < 0.05, from metrics.json's ``evidence``) and its accuracy beats the current champion's by more than
 ``registry.margin``. Each version carries its accuracies as tags (``accuracy.<row>``), so the
 gate compares against what the champion was registered with, wherever it came from.
 
@@ -15,7 +15,7 @@ already has a version registers nothing and only completes a gate that was inter
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,7 @@ def evidence_failure(evidence: Mapping | None, gate_metric: str) -> Decision | N
     to use the image at all: it may be registered, never made champion.
     """
     from vift.eval.ablation import PRIOR_CONTROLS
-    from vift.fusion.modes import SIGNIFICANCE
+    from vift.eval.stats import beyond_chance
 
     if evidence is None:
         return Decision(False, f"{METRICS_FILE} has no paired evidence for {gate_metric}; re-run the evaluate stage")
@@ -102,8 +102,8 @@ def evidence_failure(evidence: Mapping | None, gate_metric: str) -> Decision | N
             lost.append(f"no comparison with {control}")
             continue
         low, high = comparison["ci95"]
-        p_value = comparison.get("mcnemar_p", 1.0)
-        if not (low > 0 and p_value < SIGNIFICANCE):
+        if not beyond_chance(comparison):
+            p_value = comparison.get("mcnemar_p", 1.0)
             lost.append(
                 f"{gate_metric} - {control} = {comparison['difference']:+.4f}, 95 % CI [{low:+.4f}, {high:+.4f}], "
                 f"McNemar p = {p_value:.3g}: not above 0 beyond chance"
@@ -111,6 +111,14 @@ def evidence_failure(evidence: Mapping | None, gate_metric: str) -> Decision | N
     if lost:
         return Decision(False, "kept as candidate: does not beat its controls (" + "; ".join(lost) + ")")
     return None
+
+
+def _row_accuracies(rows: Mapping[str, Any]) -> Iterator[tuple[str, float, list[float] | None]]:
+    """(row, accuracy, 95 % interval or None) for every well-formed row of metrics.json."""
+    for row, values in rows.items():
+        if isinstance(values, Mapping) and isinstance(values.get("accuracy"), (int, float)):
+            ci = values.get("ci95")
+            yield row, float(values["accuracy"]), [float(v) for v in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
 
 
 def _version_tags(rows: Mapping[str, Any], gate_metric: str, gate_rows: set[str], handle: StageRun) -> dict[str, str]:
@@ -121,12 +129,11 @@ def _version_tags(rows: Mapping[str, Any], gate_metric: str, gate_rows: set[str]
         TAG_GATE_METRIC: gate_metric,
         "vift.experiment": handle.experiment,
     }
-    for row, values in rows.items():
-        if row in gate_rows and isinstance(values, Mapping) and isinstance(values.get("accuracy"), (int, float)):
-            tags[ACCURACY_TAG.format(row=row)] = repr(float(values["accuracy"]))
-            ci = values.get("ci95")
-            if isinstance(ci, (list, tuple)) and len(ci) == 2:
-                tags[f"ci95.{row}"] = json.dumps([float(v) for v in ci])
+    for row, accuracy, ci in _row_accuracies(rows):
+        if row in gate_rows:
+            tags[ACCURACY_TAG.format(row=row)] = repr(accuracy)
+            if ci is not None:
+                tags[f"ci95.{row}"] = json.dumps(ci)
     tags.update(handle.lineage)  # git commit, dvc.lock hashes
     return {k: str(v) for k, v in tags.items()}
 
@@ -136,12 +143,10 @@ def _log_model_metrics(rows: Mapping[str, Any], model_id: str) -> None:
     import mlflow
 
     metrics = {}
-    for row, values in rows.items():
-        if isinstance(values, Mapping) and isinstance(values.get("accuracy"), (int, float)):
-            metrics[f"{row}.accuracy"] = float(values["accuracy"])
-            ci = values.get("ci95")
-            if isinstance(ci, (list, tuple)) and len(ci) == 2:
-                metrics[f"{row}.ci95_low"], metrics[f"{row}.ci95_high"] = float(ci[0]), float(ci[1])
+    for row, accuracy, ci in _row_accuracies(rows):
+        metrics[f"{row}.accuracy"] = accuracy
+        if ci is not None:
+            metrics[f"{row}.ci95_low"], metrics[f"{row}.ci95_high"] = ci
     mlflow.log_metrics(metrics, model_id=model_id)
 
 
