@@ -79,3 +79,19 @@ def ci_workspace(tmp_path, monkeypatch) -> Path:
     assert main(["params", "use", "ci"]) == 0
     return tmp_path
 
+
+def widened(model, seed: int, dtype=None):
+    """A fresh copy of ``model``'s architecture with weights drawn from N(0, 0.3) under ``seed``:
+    the untrained tiny LLaVA answers almost alike everywhere; a wider init makes fused and plain
+    answers, layers and samples differ clearly. ``dtype``: e.g. torch.float64 (no greedy ties)."""
+    import torch
+
+    fresh = type(model)(model.config)
+    if dtype is not None:
+        fresh = fresh.to(dtype)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in fresh.parameters():
+            parameter.normal_(0, 0.3)
+    return fresh.eval()
+

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import widened
 from vift.data import Manifest
 from vift.errors import UserError
 from vift.fusion.families import adapter_for
@@ -20,12 +21,7 @@ GENERATE = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
 def model_and_processor(tiny_lvlm):
     """The ci tiny LLaVA in float64 with a wider init, so greedy outputs vary and never tie."""
     model, processor = tiny_lvlm
-    model = type(model)(model.config).double().eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
-    return model, processor
+    return widened(model, seed=1, dtype=torch.float64), processor
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from PIL import Image
 
+from tests.conftest import widened
 from vift.cli import main
 from vift.config import write_params
 from vift.data import Manifest
@@ -48,11 +48,7 @@ MAX_NEW_TOKENS = 4
 def saved_model(tiny_lvlm, tmp_path_factory) -> Path:
     """The ci tiny LLaVA with a wider init (so fused and plain answers differ), saved once."""
     model, processor = tiny_lvlm
-    model = type(model)(model.config).eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
+    model = widened(model, seed=3)
     out = tmp_path_factory.mktemp("saved") / "vift"
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from scipy import stats as scipy_stats
 
+from tests.conftest import widened
 from vift.config.schema import CalibrationParams
 from vift.data import Manifest
 from vift.data.manifests import VQARecord, resolve_image
@@ -167,12 +168,7 @@ def wide_model(tiny_lvlm):
     """The ci tiny LLaVA (float32, so calibration's processor inputs fit) with a wider init, so
     fused states differ clearly between layers and samples."""
     model, processor = tiny_lvlm
-    model = type(model)(model.config).eval()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
-    return model, processor
+    return widened(model, seed=2), processor
 
 
 @pytest.fixture(scope="module")
