@@ -59,8 +59,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flows.sweep import SweepParameters, vift_data_efficiency
 
     parameters = _validated(
-        SweepParameters, "sweep parameters", preset=args.preset, data=args.data, overrides=parse_overrides(args.set or []),
-        fractions=args.fractions, push=args.push,
+        SweepParameters,
+        "sweep parameters",
+        preset=args.preset,
+        data=args.data,
+        overrides=parse_overrides(args.set or []),
+        fractions=args.fractions,
+        push=args.push,
     )
     result = vift_data_efficiency(parameters)
     print(json.dumps(result, indent=2, default=str))

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -24,13 +24,13 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vift.config import Params, apply_overrides, available_presets, load_params, load_preset, write_params
+from vift.config import ACTIVE_PARAMS, Params, apply_overrides, available_presets, load_params, load_preset, write_params
 from vift.errors import UserError
+from vift.paths import ABLATION_MD, METRICS_JSON, REGISTRATION_JSON, STAGES, STATE_DIR
 
-StageName = Literal["data", "base", "train_caption", "train_text", "train_vit", "calibrate", "evaluate", "register"]
-STAGES: tuple[str, ...] = get_args(StageName)  # dvc.yaml's stages, in order
+StageName = Literal[STAGES]  # vift.paths.STAGES: dvc.yaml's stages, in order
 NETWORK_STAGES = {"register"}  # talk to the tracking server: retried with backoff
-RUNS_DIR = Path(".vift") / "runs"
+RUNS_DIR = STATE_DIR / "runs"
 PresetName = Literal[tuple(available_presets())]  # a dropdown in the Prefect run form
 DataChoice = Literal["workspace", "preset"]
 DATA_HELP = (
@@ -41,7 +41,7 @@ DATA_HELP = (
 
 def workspace_import(workspace: str | Path) -> Params | None:
     """``workspace``'s active parameters if their data is an import, else None."""
-    path = Path(workspace) / "params" / "params.yaml"
+    path = Path(workspace) / ACTIVE_PARAMS
     if not path.is_file():
         return None
     params = load_params(path)
@@ -140,7 +140,7 @@ def prepare_workspace(parameters: PipelineParameters, name: str) -> str:
             effective.data.import_dir or f"the preset's {effective.data.source} data",
         )
     if not parameters.isolate:
-        write_params(effective, source / "params" / "params.yaml")
+        write_params(effective, source / ACTIVE_PARAMS)
         return str(source)
     target = source / RUNS_DIR / name
     copy_worktree(source, target)
@@ -156,7 +156,7 @@ def prepare_workspace(parameters: PipelineParameters, name: str) -> str:
     # Each isolated workspace tracks into its own embedded MLflow database unless MLFLOW_TRACKING_URI
     # names a server (settings.tracking_uri): two concurrent runs never share one sqlite file.
     _run(["dvc", "config", "--local", "cache.dir", str(cache)], target)
-    write_params(effective, target / "params" / "params.yaml")
+    write_params(effective, target / ACTIVE_PARAMS)
     return str(target)
 
 
@@ -178,23 +178,34 @@ def publish_artifacts(workspace: str) -> dict:
     """The ablation table, the metrics, the MLflow run and the registration decision, in the UI."""
     root = Path(workspace)
     published: dict[str, Any] = {"workspace": workspace}
-    ablation = root / "reports" / "ablation.md"
+    ablation = root / ABLATION_MD
     if ablation.exists():
         create_markdown_artifact(key="ablation-table", markdown=ablation.read_text(), description="vift ablation")
-    metrics_file = root / "reports" / "metrics.json"
+    metrics_file = root / METRICS_JSON
     if metrics_file.exists():
         metrics = json.loads(metrics_file.read_text())
         published["metrics"] = {name: row["accuracy"] for name, row in metrics["rows"].items()}
         create_table_artifact(
             key="metrics",
-            table=[{"row": n, "accuracy": round(r["accuracy"], 4), "ci95_low": round(r["ci95"][0], 4), "ci95_high": round(r["ci95"][1], 4), "n": r["n"]} for n, r in metrics["rows"].items()],
+            table=[
+                {
+                    "row": n,
+                    "accuracy": round(r["accuracy"], 4),
+                    "ci95_low": round(r["ci95"][0], 4),
+                    "ci95_high": round(r["ci95"][1], 4),
+                    "n": r["n"],
+                }
+                for n, r in metrics["rows"].items()
+            ],
             description="accuracy per ablation row",
         )
-    registration = root / "reports" / "registration.json"
+    registration = root / REGISTRATION_JSON
     if registration.exists():
         decision = json.loads(registration.read_text())
         published["registration"] = decision
-        create_markdown_artifact(key="registration", markdown="```json\n" + json.dumps(decision, indent=2) + "\n```", description="registry decision")
+        create_markdown_artifact(
+            key="registration", markdown="```json\n" + json.dumps(decision, indent=2) + "\n```", description="registry decision"
+        )
         link = decision.get("run_url")  # None for the embedded sqlite store: no UI to link to
         if link:
             create_link_artifact(key="mlflow-run", link=link, description="MLflow run")

@@ -6,7 +6,7 @@ and ``base`` come from the shared cache after the first point, a point that fini
 skipped, and the 100 % point is the same workspace as a plain isolated pipeline run of the same
 parameters. Nothing is registered (a sweep point is not a release candidate).
 
-The flow then reads each point's reports (:mod:`vift.eval.efficiency`), writes the table and the
+The flow then reads each point's reports (:mod:`flows.efficiency`), writes the table and the
 plot to ``reports/sweeps/<sweep name>/``, logs one MLflow run (accuracy per row against training
 samples as the metric step, the outputs as artifacts) and publishes the table as Prefect artifacts.
 """
@@ -23,10 +23,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flows import efficiency
 from flows.pipeline import DATA_HELP, DataChoice, PipelineParameters, PresetName, vift_pipeline
 from vift import paths
 from vift.errors import UserError
-from vift.eval import efficiency
 
 FRACTION_KEY = "train.data_fraction"
 SWEEPS_DIR = paths.REPORTS_DIR / "sweeps"
@@ -102,20 +102,18 @@ def track(summary: dict, out_dir: str, name: str, experiment: str, root: str) ->
     Tracking is not needed for the sweep to succeed (its outputs are on disk): in the default
     ``auto`` mode an unreachable server is a warning; ``VIFT_TRACKING=required`` makes it an error.
     """
-    from mlflow import MlflowClient
-
-    from vift.registry import tracking
+    from vift.registry import server
+    from vift.registry.tracking import experiment_id_for
     from vift.settings import tracking_uri
 
-    mode = tracking.tracking_mode()
+    mode = server.tracking_mode()
     if mode == "off":
         return None
     uri = tracking_uri(root)
     try:
-        tracking.check_reachable(uri)
-        client = MlflowClient(tracking_uri=uri)
-        with tracking.guard(uri, "log the data-efficiency sweep"):
-            run = client.create_run(tracking.experiment_id_for(client, experiment), run_name=name, tags={"vift.kind": "data-efficiency-sweep"})
+        client = server.connect(uri)
+        with server.guard(uri, "log the data-efficiency sweep"):
+            run = client.create_run(experiment_id_for(client, experiment), run_name=name, tags={"vift.kind": "data-efficiency-sweep"})
             run_id = run.info.run_id
             meta = summary["meta"]
             client.log_param(run_id, "preset", meta["preset"])
@@ -127,9 +125,11 @@ def track(summary: dict, out_dir: str, name: str, experiment: str, root: str) ->
             client.log_artifacts(run_id, out_dir, artifact_path="data_efficiency")
             client.set_terminated(run_id)
     except UserError as error:
-        if mode == "required":
-            raise
-        get_run_logger().warning("the sweep ran untracked: %s", error)
+
+        def untracked(detail: str) -> None:
+            get_run_logger().warning("the sweep ran untracked: %s", detail)
+
+        server.tolerate(error, mode == "required", uri, "while logging the sweep", untracked)
         return None
     return run_id
 
@@ -150,11 +150,16 @@ def vift_data_efficiency(parameters: SweepParameters = SweepParameters()) -> dic
     summary = collect(points, meta, str(out_dir), name)
     experiment = parameters.point(parameters.fractions[-1]).effective().registry.experiment
     run_id = track(summary, str(out_dir), name, experiment, str(root))
-    create_markdown_artifact(key="data-efficiency", markdown=efficiency.table_markdown(summary), description="accuracy against training samples")
+    create_markdown_artifact(
+        key="data-efficiency", markdown=efficiency.table_markdown(summary), description="accuracy against training samples"
+    )
     create_table_artifact(
         key="data-efficiency-points",
-        table=[{"fraction": p["fraction"], "row": row, "samples": p["samples"][model], "accuracy": round(p["rows"][row]["accuracy"], 4)}
-               for p in summary["points"] for row, model in efficiency.PLOTTED_ROWS.items()],  # fmt: skip
+        table=[
+            {"fraction": p["fraction"], "row": row, "samples": p["samples"][model], "accuracy": round(p["rows"][row]["accuracy"], 4)}
+            for p in summary["points"]
+            for row, model in efficiency.PLOTTED_ROWS.items()
+        ],  # fmt: skip
         description="one line per fraction and row",
     )
     return {"out": str(out_dir), "mlflow_run_id": run_id, "points": [{"fraction": f, "workspace": w} for f, w in points]}

@@ -28,7 +28,7 @@ def ci_params():
 @pytest.fixture(scope="session")
 def ci_data(ci_params, tmp_path_factory) -> Path:
     """The ci preset's ShapeTally splits, generated once."""
-    from vift.data import generate_shapetally
+    from vift.data.generate import generate_shapetally
 
     out = tmp_path_factory.mktemp("data") / "benchmark"
     generate_shapetally(ci_params.data, out)
@@ -38,8 +38,8 @@ def ci_data(ci_params, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lvlm(ci_params, ci_data):
     """(model, processor) of the ci architecture, tokenizer trained on the ci corpus."""
-    from vift.data import training_corpus
-    from vift.model import build_tiny_lvlm
+    from vift.data.generate import training_corpus
+    from vift.model.tiny import build_tiny_lvlm
 
     model, processor = build_tiny_lvlm(ci_params.model.tiny, ci_params.data.image_size, training_corpus(ci_data))
     model.eval()
@@ -59,7 +59,7 @@ def tiny_checkpoint(tiny_lvlm, tmp_path_factory) -> Path:
 @pytest.fixture
 def env(monkeypatch, tmp_path):
     """Dummy AWS credentials and an isolated DVC/AWS setup, in os.environ (so subprocesses inherit it)."""
-    from vift.storage.testing import CLEARED_ENV, isolated_env
+    from storage_support import CLEARED_ENV, isolated_env
 
     for name in CLEARED_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -94,4 +94,3 @@ def widened(model, seed: int, dtype=None):
         for parameter in fresh.parameters():
             parameter.normal_(0, 0.3)
     return fresh.eval()
-

@@ -51,8 +51,21 @@ def active_with(text_edit) -> str:
         ("fusion:\n  calibrate:\n    weights: []\n", "weights must list at least one value"),
         ("fusion:\n  calibrate:\n    modes: []\n", "modes must list at least one value"),
     ],
-    ids=["duplicate-key", "deep-nesting", "huge-int", "yaml-error", "inf-lr", "nan-weight", "nan-in-list",
-         "bool-int", "bool-float", "empty-ranges", "inverted-range", "empty-weights", "empty-modes"],  # fmt: skip
+    ids=[
+        "duplicate-key",
+        "deep-nesting",
+        "huge-int",
+        "yaml-error",
+        "inf-lr",
+        "nan-weight",
+        "nan-in-list",
+        "bool-int",
+        "bool-float",
+        "empty-ranges",
+        "inverted-range",
+        "empty-weights",
+        "empty-modes",
+    ],  # fmt: skip
 )
 def test_bad_parameter_files_exit_2_with_the_field(tmp_path, capsys, content, expected):
     path = tmp_path / "params.yaml"
@@ -237,4 +250,3 @@ def test_a_yaml_alias_bomb_is_refused_without_expanding_it(tmp_path, capsys):
 def test_a_required_split_missing_fails_at_import_naming_who_reads_it(ci_workspace, dataset, capsys, split):
     (dataset / f"{split}.jsonl").unlink()
     import_fails(capsys, dataset, f"{split}.jsonl: missing; read by", "docs/STORAGE.md")
-

@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from vift.benchmarks.formats import load_benchmark
+from vift.benchmarks.scoring import make_scorer, rule_score
+from vift.benchmarks.specs import FREE_FORM_INSTRUCTION, IMAGE_QUESTION, MC_INSTRUCTION
 from vift.errors import UserError
-from vift.eval.benchmarks import (
-    FREE_FORM_INSTRUCTION,
-    IMAGE_QUESTION,
-    MC_INSTRUCTION,
-    load_benchmark,
-    make_scorer,
-    rule_score,
-)
 from vift.eval.cli import add_commands
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
@@ -113,20 +108,63 @@ def _mutate_jsonl(folder: Path, name: str, index: int, change) -> None:
 @pytest.mark.parametrize(
     "benchmark, mutate, expected",
     [
-        ("mathvista", lambda d: _mutate_json(d, "testmini.json", lambda c: c["2"].update(answer="2/3")), ["pid 2", "answer '2/3' is not one of the choices"]),
+        (
+            "mathvista",
+            lambda d: _mutate_json(d, "testmini.json", lambda c: c["2"].update(answer="2/3")),
+            ["pid 2", "answer '2/3' is not one of the choices"],
+        ),
         ("mathvista", lambda d: _mutate_json(d, "testmini.json", lambda c: c["3"].update(precision=None)), ["pid 3", "needs a precision"]),
-        ("mathvista", lambda d: _mutate_json(d, "testmini.json", lambda c: c["1"].update(image="../../outside.png")), ["pid 1", "escapes the data folder"]),
+        (
+            "mathvista",
+            lambda d: _mutate_json(d, "testmini.json", lambda c: c["1"].update(image="../../outside.png")),
+            ["pid 1", "escapes the data folder"],
+        ),
         ("mathvista", lambda d: (d / "images" / "4.png").unlink(), ["pid 4", "image 'images/4.png' not found"]),
         ("mathvista", lambda d: (d / "images" / "2.png").write_bytes(b"not a png"), ["pid 2", "image unreadable or corrupt"]),
-        ("mathvista", lambda d: (d / "testmini.json").write_text('{"1": {"question": "x",\n "image": }}'), ["testmini.json:2:", "malformed JSON"]),
-        ("mathverse", lambda d: _mutate_json(d, "testmini.json", lambda c: c[0].update(answer="Z")), ["record 0 (sample_index 1)", "not an option letter"]),
-        ("mathverse", lambda d: _mutate_json(d, "testmini.json", lambda c: c[1].update(question_type="essay")), ["sample_index 2", "question_type 'essay'"]),
-        ("mathverse", lambda d: _mutate_json(d, "testmini.json", lambda c: c[2].update(sample_index="1")), ["sample_index 1", "duplicate id '1'"]),
-        ("mathvision", lambda d: _mutate_jsonl(d, "testmini.jsonl", 1, lambda r: r.pop("answer")), ["line 2 (id 2)", "field 'answer' is missing"]),
-        ("mathvision", lambda d: _mutate_jsonl(d, "testmini.jsonl", 0, lambda r: r.update(answer="F")), ["line 1 (id 1)", "not an option letter of 5 options"]),
+        (
+            "mathvista",
+            lambda d: (d / "testmini.json").write_text('{"1": {"question": "x",\n "image": }}'),
+            ["testmini.json:2:", "malformed JSON"],
+        ),
+        (
+            "mathverse",
+            lambda d: _mutate_json(d, "testmini.json", lambda c: c[0].update(answer="Z")),
+            ["record 0 (sample_index 1)", "not an option letter"],
+        ),
+        (
+            "mathverse",
+            lambda d: _mutate_json(d, "testmini.json", lambda c: c[1].update(question_type="essay")),
+            ["sample_index 2", "question_type 'essay'"],
+        ),
+        (
+            "mathverse",
+            lambda d: _mutate_json(d, "testmini.json", lambda c: c[2].update(sample_index="1")),
+            ["sample_index 1", "duplicate id '1'"],
+        ),
+        (
+            "mathvision",
+            lambda d: _mutate_jsonl(d, "testmini.jsonl", 1, lambda r: r.pop("answer")),
+            ["line 2 (id 2)", "field 'answer' is missing"],
+        ),
+        (
+            "mathvision",
+            lambda d: _mutate_jsonl(d, "testmini.jsonl", 0, lambda r: r.update(answer="F")),
+            ["line 1 (id 1)", "not an option letter of 5 options"],
+        ),
     ],
-    ids=["not-a-choice", "float-without-precision", "escaping-image", "missing-image", "corrupt-image", "malformed-json",
-         "bad-letter", "bad-question-type", "duplicate-id", "missing-answer", "letter-out-of-range"],  # fmt: skip
+    ids=[
+        "not-a-choice",
+        "float-without-precision",
+        "escaping-image",
+        "missing-image",
+        "corrupt-image",
+        "malformed-json",
+        "bad-letter",
+        "bad-question-type",
+        "duplicate-id",
+        "missing-answer",
+        "letter-out-of-range",
+    ],  # fmt: skip
 )
 def test_bad_benchmark_files_name_file_record_and_problem(tmp_path, benchmark, mutate, expected):
     folder = copy_fixture(benchmark, tmp_path)
@@ -227,7 +265,7 @@ def test_eval_scores_known_responses_per_category(tiny_checkpoint, tmp_path, mon
     canned = {"1": "I see 1 dot.", "2": "Half is blue: (B)", "3": "It is 1.62 cm.", "4": "[2007, 2008]"}
     by_question = {r.question: canned[r.id] for r in records_of("mathvista").values()}
     monkeypatch.setattr(
-        "vift.fusion.method.fused_generate", lambda model, processor, images, questions, fusion, **kw: [by_question[q] for q in questions]
+        "vift.eval.runner.fused_generate", lambda model, processor, images, questions, fusion, **kw: [by_question[q] for q in questions]
     )
     out = tmp_path / "out"
     argv = ["--benchmark", "mathvista", "--data", str(FIXTURES / "mathvista"), "--model", str(tiny_checkpoint), "--out", str(out)]
@@ -242,7 +280,7 @@ def test_eval_with_a_fusion_file_answers_as_fused_generate_does(tiny_checkpoint,
     from PIL import Image
 
     from vift.fusion.method import FusionSpec, fused_generate
-    from vift.model import load_model, load_processor
+    from vift.model.loading import load_model, load_processor
 
     spec = FusionSpec(mode="additive", a=0.5, b=0.5, layer_start=1)
     fusion_file = tmp_path / "fusion.json"
@@ -298,7 +336,16 @@ def test_eval_runs_the_projects_vqa_manifests(ci_data, tiny_checkpoint, tmp_path
 
 
 def test_eval_names_the_model_option_when_the_checkpoint_is_missing(tmp_path):
-    argv = ["--benchmark", "mathvision", "--data", str(FIXTURES / "mathvision"), "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]
+    argv = [
+        "--benchmark",
+        "mathvision",
+        "--data",
+        str(FIXTURES / "mathvision"),
+        "--model",
+        str(tmp_path / "absent"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     with pytest.raises(UserError, match=r"^--model .*absent is not a directory"):
         run_eval(argv, tmp_path / "no-params.yaml")
     assert not (tmp_path / "out").exists()

@@ -12,10 +12,21 @@ from vift.model.compose import compose_llava
 def test_composed_model_keeps_both_checkpoints_weights(tiny_lvlm, tmp_path):
     _, processor = tiny_lvlm
     tokenizer = processor.tokenizer
-    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=16))
+    vision = SiglipVisionModel(
+        SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=16)
+    )
     vision.save_pretrained(tmp_path / "siglip")
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
-    language = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    language = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
     language.save_pretrained(tmp_path / "qwen")
     tokenizer.save_pretrained(tmp_path / "qwen")
 
@@ -33,7 +44,11 @@ def test_composed_model_keeps_both_checkpoints_weights(tiny_lvlm, tmp_path):
         assert torch.equal(tower[name], tensor), name
     assert reloaded.config.vision_feature_layer == -2
     assert reprocessor.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
-    prompt = reprocessor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}], add_generation_prompt=True, tokenize=False)
+    prompt = reprocessor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     from PIL import Image
 
     inputs = reprocessor(text=[prompt], images=[Image.new("RGB", (32, 32), (200, 10, 10))], return_tensors="pt")

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from vift.config import apply_overrides
-from vift.data import SPLITS, generate_shapetally
-from vift.data.world import QUESTION_TYPES, SceneObject, Scene, sample_question, split_rng
+from vift.data.generate import SPLITS, generate_shapetally
+from vift.data.world import QUESTION_TYPES, Scene, SceneObject, sample_question, split_rng
 
 
 def tree_digest(root: Path) -> str:

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from vift.storage.testing import CLEARED_ENV, MotoEndpoint, cache_object_count, isolated_env, verify_content_addressed
+from storage_support import CLEARED_ENV, MotoEndpoint, cache_object_count, isolated_env, verify_content_addressed
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -159,9 +158,7 @@ def pushed_objects(repo: Path) -> set[str]:
 
 
 def run(cmd: list, cwd: Path, env: dict | None = None, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(c) for c in cmd], cwd=cwd, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from flows import efficiency
 from vift.errors import UserError
-from vift.eval import efficiency
 
 ROWS = ("vift_fused", "vift_unfused", "question_only", "vit_baseline", "majority_per_type")
 

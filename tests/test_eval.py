@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from vift.config.schema import CalibrationParams
-from vift.data import Manifest
+from vift.data.manifests import Manifest
 from vift.eval.ablation import majority_rows, summarise, wrong_image_order
-from vift.eval.answers import extract_answer, is_correct
-from vift.eval.stats import paired_comparison, wilson_interval
 from vift.fusion.calibrate import Calibrator, candidate_ranges, search
+from vift.scoring.answers import extract_answer, is_correct
+from vift.scoring.stats import paired_comparison, wilson_interval
 
 
 @pytest.mark.parametrize(

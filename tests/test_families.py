@@ -85,7 +85,13 @@ def _tokenizer(template: str | None, eos: str = "<|im_end|>", **extra) -> PreTra
     )
     tokenizer.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token=eos, bos_token="<bos>", chat_template=template, padding_side="right", **extra
+        tokenizer_object=tokenizer,
+        pad_token="<|pad|>",
+        eos_token=eos,
+        bos_token="<bos>",
+        chat_template=template,
+        padding_side="right",
+        **extra,
     )
 
 
@@ -128,8 +134,13 @@ def build_llava():
 
 
 def build_llava_onevision():
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, Qwen2Config
-    from transformers import SiglipVisionConfig
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     tokenizer = _tokenizer(ONEVISION, extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
@@ -149,8 +160,14 @@ def build_llava_onevision():
 
 
 def _build_qwen(version: str):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = _tokenizer(QWEN)
@@ -169,20 +186,35 @@ def _build_qwen(version: str):
     if version == "2":
         vision = {**common, "embed_dim": 16, "hidden_size": 32, "mlp_ratio": 2}
         return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids)), processor
-    vision = {**common, "hidden_size": 16, "intermediate_size": 32, "out_hidden_size": 32, "window_size": 16, "fullatt_block_indexes": [1, 3]}
+    vision = {
+        **common,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "out_hidden_size": 32,
+        "window_size": 16,
+        "fullatt_block_indexes": [1, 3],
+    }
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)), processor
 
 
 def _build_idefics3(family: str):
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        LlamaConfig,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     tokenizer = _tokenizer(IDEFICS3, eos="<end_of_utterance>")
     # images are split into 16-pixel tiles plus a global view: 1 to 5 tiles of image_seq_len tokens each
     image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS3)
-    config_class, model_class = (Idefics3Config, Idefics3ForConditionalGeneration) if family == "idefics3" else (SmolVLMConfig, SmolVLMForConditionalGeneration)
+    config_class, model_class = (
+        (Idefics3Config, Idefics3ForConditionalGeneration) if family == "idefics3" else (SmolVLMConfig, SmolVLMForConditionalGeneration)
+    )
     config = config_class(
         text_config=LlamaConfig(**_text_config(tokenizer)), vision_config={**SIGLIP, "image_size": 16, "patch_size": 4},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2, pad_token_id=tokenizer.pad_token_id,

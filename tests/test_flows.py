@@ -102,7 +102,6 @@ def test_the_register_output_survives_a_forced_rerun_that_fails():
     assert {"reports/registration.json": {"persist": True}} in stages["register"]["outs"]
 
 
-
 def test_the_flow_keeps_the_workspace_import_unless_told_to_use_the_preset_data(tmp_path):
     # Before: `vift flow run --preset tiny` rewrote params.yaml from the preset and trained on
     # ShapeTally, silently discarding the user's import.

@@ -15,9 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from storage_support import free_port
 
 from tests.conftest import REPO
-from vift.storage.testing import free_port
 
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "vift-pipeline/vift-pipeline"
@@ -41,7 +41,11 @@ def make_project(root: Path, env: dict) -> Path:
 
     root.mkdir(parents=True)
     copy_worktree(REPO, root)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"]):
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"],
+    ):
         subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
     return root
 
@@ -68,7 +72,13 @@ def prefect_server(environment, tmp_path_factory):
     port = free_port()
     env = dict(environment, PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'prefect.db'}")
     log = open(tmp_path_factory.mktemp("logs") / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api"
 
     def healthy():
@@ -94,7 +104,9 @@ def served_project(prefect_server, environment, tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("served") / "project", environment)
     env = dict(environment, PREFECT_API_URL=prefect_server)
     log = open(project.parent / "serve.log", "w")
-    serve = subprocess.Popen([str(BIN / "vift"), "serve", "--limit", "2"], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = subprocess.Popen(
+        [str(BIN / "vift"), "serve", "--limit", "2"], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         with api_client(prefect_server) as client:
             wait_until(lambda: _deployment(client) and _deployment(client, SWEEP_DEPLOYMENT), 120, "the served deployments")
@@ -228,7 +240,9 @@ def test_the_served_sweep_trains_each_fraction_in_its_own_workspace_and_plots_ac
 def test_a_run_killed_during_train_text_resumes_after_train_caption(environment, tmp_path):
     project = make_project(tmp_path / "project", environment)
     command = [str(BIN / "vift"), "flow", "run", "--preset", "ci", "--isolate"]
-    first = subprocess.Popen(command, cwd=project, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        command, cwd=project, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     runs = project / ".vift" / "runs"
 
     def train_text_started():
@@ -301,12 +315,16 @@ def test_own_data_imported_then_the_flow_trains_on_it_without_baseline_and_names
         assert done.returncode == 0, done.stderr
     assert "visual_instructions: not provided (optional; read by train_vit" in done.stdout
     # What the README presents as the way to run: the preset chooses training settings, not the data.
-    run = subprocess.run([vift, "flow", "run", "--preset", "ci"], cwd=project, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    run = subprocess.run(
+        [vift, "flow", "run", "--preset", "ci"], cwd=project, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     summary = json.loads((project / "data" / "benchmark" / "summary.json").read_text())
     assert summary["world"] == "import" and summary["sizes"] == {"captions": 40, "text_instructions": 40, "calibration": 8, "test": 16}
-    assert json.loads((project / "reports" / "train_vit.json").read_text())["summary"]["skipped"].endswith("the vit_baseline row is left out)")
+    assert json.loads((project / "reports" / "train_vit.json").read_text())["summary"]["skipped"].endswith(
+        "the vit_baseline row is left out)"
+    )
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert "vit_baseline" not in metrics["rows"] and "oracle_description" not in metrics["rows"]
     assert {"vift_fused", "question_only", "majority_per_type", "describe_then_answer"} <= set(metrics["rows"])

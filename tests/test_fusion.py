@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import widened
-from vift.data import Manifest
+from vift.data.manifests import Manifest
 from vift.errors import UserError
 from vift.fusion.families import adapter_for
 from vift.fusion.hooks import PrefillEditor
@@ -80,7 +80,9 @@ def test_non_neutral_fusion_changes_the_first_token_logits(model_and_processor, 
     assert not torch.allclose(fused.logits[0], plain.logits[0])
 
 
-@pytest.mark.parametrize("spec", [FusionSpec(a=0.8, b=0.4, layer_start=1), FusionSpec(mode="replace", w_vis=0.5, w_text=0.7, positions="text_prompt")])
+@pytest.mark.parametrize(
+    "spec", [FusionSpec(a=0.8, b=0.4, layer_start=1), FusionSpec(mode="replace", w_vis=0.5, w_text=0.7, positions="text_prompt")]
+)
 def test_a_batch_of_eight_equals_the_samples_one_by_one(model_and_processor, batch, spec):
     model, processor = model_and_processor
     images, questions = batch

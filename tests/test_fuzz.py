@@ -69,7 +69,9 @@ scalars = st.one_of(
     st.sampled_from(["", "auto", "tiny", "compose", "additive", "1e-4", "-1", "null", "../etc/passwd", "é", "\x00"]),
     st.text(max_size=20),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12
+)
 
 
 def schema_paths(model: type = Params, prefix: str = "") -> list[str]:
@@ -102,7 +104,11 @@ def params_documents(draw) -> bytes:
         for part in parts[:-1]:
             node = node.setdefault(part, {}) if isinstance(node.get(part), dict) else {}
         current = node.get(parts[-1])
-        plausible = st.sampled_from([current, current * 2, current + 1]) if isinstance(current, (int, float)) and not isinstance(current, bool) else st.just(current)
+        plausible = (
+            st.sampled_from([current, current * 2, current + 1])
+            if isinstance(current, (int, float)) and not isinstance(current, bool)
+            else st.just(current)
+        )
         node[parts[-1]] = draw(mostly(plausible, values))
     text = yaml.safe_dump(document, allow_unicode=True)
     if draw(st.booleans()):  # duplicate a line: a duplicate key, or a harmless repeat
@@ -155,7 +161,12 @@ IMAGES = {"ok.png": png(), "truncated.png": png(size=64)[:40], "text.png": b"not
 IMAGE_NAMES = [*IMAGES, "missing.png", "../outside.png", "/etc/hostname", "sub/../ok.png", "a" * 300 + ".png", ""]
 SPLIT_NAMES = ["captions", "text_instructions", "visual_instructions", "backbone_text", "calibration", "test"]
 
-turn = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", 1]), "value": st.one_of(st.text(max_size=20), st.just("<image>\nDescribe."), values)})
+turn = st.fixed_dictionaries(
+    {
+        "from": st.sampled_from(["human", "gpt", "system", 1]),
+        "value": st.one_of(st.text(max_size=20), st.just("<image>\nDescribe."), values),
+    }
+)
 record = st.dictionaries(
     st.sampled_from(["id", "image", "conversations", "question", "answer", "choices", "type", "extra"]),
     st.one_of(values, st.sampled_from(IMAGE_NAMES), st.lists(turn, max_size=3)),
@@ -238,8 +249,17 @@ image_values = st.one_of(
     st.binary(max_size=64),
     st.text(max_size=40),
     st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()),
-    st.sampled_from([base64.b64encode(png()).decode(), "data:image/png;base64," + base64.b64encode(png()).decode(), png(),
-                     "/etc/passwd", "../../../etc/hostname", "data:,", "data:image/png;base64,!!!"]),  # fmt: skip
+    st.sampled_from(
+        [
+            base64.b64encode(png()).decode(),
+            "data:image/png;base64," + base64.b64encode(png()).decode(),
+            png(),
+            "/etc/passwd",
+            "../../../etc/hostname",
+            "data:,",
+            "data:image/png;base64,!!!",
+        ]
+    ),  # fmt: skip
     st.none(),
     st.integers(),
     st.floats(),
@@ -280,7 +300,11 @@ def test_any_prediction_request_is_answered_or_refused_with_a_4xx_and_no_stack_t
     try:
         answers = served.predict(None, frame, params=params)
     except MlflowException as error:
-        event("refused: " + error.message.split(":")[0][:30] + " " + error.message.split(":")[1][:40] if ":" in error.message else error.message[:60])
+        event(
+            "refused: " + error.message.split(":")[0][:30] + " " + error.message.split(":")[1][:40]
+            if ":" in error.message
+            else error.message[:60]
+        )
         assert 400 <= error.get_http_status_code() < 500, error.message
         assert "stack_trace" not in error.serialize_as_json()
         return

@@ -63,7 +63,7 @@ def _env_file(path: Path) -> dict[str, str]:
 
 def _names_read_by_code() -> set[str]:
     """Environment variable names the vift package reads: literal os.environ.get / [] / os.getenv
-    arguments, and module constants named ENV_* (how vift.registry.tracking names its knobs)."""
+    arguments, and module constants named ENV_* (how vift.registry.server names its knobs)."""
     literal = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["']([A-Z][A-Z0-9_]*)["']""")
     constant = re.compile(r"""^ENV_\w+\s*=\s*["']([A-Z][A-Z0-9_]*)["']""", re.MULTILINE)
     names = set()
@@ -249,9 +249,7 @@ def _render(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
     # A client is only used to resolve block/variable references; the template has none, and
     # passing one keeps Prefect from starting an API.
-    configuration = asyncio.run(
-        KubernetesLikeJobConfiguration.from_template_and_values(template, values, client=object())
-    )
+    configuration = asyncio.run(KubernetesLikeJobConfiguration.from_template_and_values(template, values, client=object()))
     return configuration.model_dump()
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from vift.benchmarks.formats import load_benchmark
+from vift.benchmarks.judge import Judge, JudgeConfig
+from vift.benchmarks.scoring import make_scorer
 from vift.errors import UserError
-from vift.eval.benchmarks import load_benchmark, make_scorer
-from vift.eval.judge import Judge, JudgeConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 KEY = "sk-test-0123456789"
@@ -174,7 +175,12 @@ def test_unreachable_endpoint_is_a_clear_user_error():
 def test_config_comes_from_the_environment():
     env = {"VIFT_JUDGE_BASE_URL": "http://localhost:8000/v1/", "VIFT_JUDGE_API_KEY": KEY, "VIFT_JUDGE_RETRIES": "1"}
     config = JudgeConfig.from_env(default_model="from-params", environ=env)
-    assert (config.url, config.model, config.api_key, config.retries) == ("http://localhost:8000/v1/chat/completions", "from-params", KEY, 1)
+    assert (config.url, config.model, config.api_key, config.retries) == (
+        "http://localhost:8000/v1/chat/completions",
+        "from-params",
+        KEY,
+        1,
+    )
     assert JudgeConfig.from_env("from-params", {**env, "VIFT_JUDGE_MODEL": "gpt-4o-mini"}).model == "gpt-4o-mini"
     assert KEY not in repr(config)
     with pytest.raises(UserError, match="VIFT_JUDGE_BASE_URL is not set"):
@@ -196,7 +202,9 @@ def run_eval(argv: list[str], params_file: Path) -> int:
 def test_eval_command_scores_with_the_judge(stub, tiny_checkpoint, tmp_path, monkeypatch):
     canned = {"1": "B. Four stars", "2": "It is 7.", "3": "one half"}  # MathVision fixture ids
     by_question = {r.question: canned[r.id] for r in records("mathvision").values()}
-    monkeypatch.setattr("vift.fusion.method.fused_generate", lambda model, processor, images, questions, fusion, **kw: [by_question[q] for q in questions])
+    monkeypatch.setattr(
+        "vift.eval.runner.fused_generate", lambda model, processor, images, questions, fusion, **kw: [by_question[q] for q in questions]
+    )
     extractions = {"B. Four stars": "B", "It is 7.": "7", "one half": "1/2"}
 
     def reply(body):
@@ -210,11 +218,25 @@ def test_eval_command_scores_with_the_judge(stub, tiny_checkpoint, tmp_path, mon
     monkeypatch.setenv("VIFT_JUDGE_MODEL", "stub-model")
     monkeypatch.setenv("VIFT_JUDGE_API_KEY", KEY)
     out = tmp_path / "out"
-    argv = ["--benchmark", "mathvision", "--data", str(FIXTURES / "mathvision"), "--model", str(tiny_checkpoint), "--judge", "--out", str(out)]
+    argv = [
+        "--benchmark",
+        "mathvision",
+        "--data",
+        str(FIXTURES / "mathvision"),
+        "--model",
+        str(tiny_checkpoint),
+        "--judge",
+        "--out",
+        str(out),
+    ]
     assert run_eval(argv, tmp_path / "no-params.yaml") == 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [(r["extracted"], r["correct"], r["scored_by"]) for r in rows] == [("B", False, "judge"), ("7", True, "judge"), ("1/2", True, "judge")]
+    assert [(r["extracted"], r["correct"], r["scored_by"]) for r in rows] == [
+        ("B", False, "judge"),
+        ("7", True, "judge"),
+        ("1/2", True, "judge"),
+    ]
     assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["scoring"] == "judge (stub-model)"
     assert any("Reference answer: B (4)\nModel answer: B\n" in p for p in stub.prompts())  # letter + option text
 
@@ -223,7 +245,16 @@ def test_judge_enabled_in_params_without_an_endpoint_fails_before_loading_a_mode
     monkeypatch.delenv("VIFT_JUDGE_BASE_URL", raising=False)
     params = tmp_path / "params.yaml"
     params.write_text("eval:\n  judge:\n    enabled: true\n")
-    argv = ["--benchmark", "mathvision", "--data", str(FIXTURES / "mathvision"), "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]
+    argv = [
+        "--benchmark",
+        "mathvision",
+        "--data",
+        str(FIXTURES / "mathvision"),
+        "--model",
+        str(tmp_path / "absent"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     with pytest.raises(UserError, match="VIFT_JUDGE_BASE_URL is not set"):
         run_eval(argv, params)
     assert not (tmp_path / "out").exists()

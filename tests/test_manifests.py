@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-from vift.data import Manifest
+from vift.data.manifests import Manifest
 from vift.errors import UserError
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vift.data import ConversationRecord
-from vift.model import check_checkpoint, decoder_layers, load_model
+from vift.data.manifests import ConversationRecord, load_rgb
 from vift.errors import UserError
-from vift.train.collate import IGNORE_INDEX, PaddingCollator, encode_conversation, load_rgb
+from vift.model.loading import check_checkpoint, decoder_layers, load_model
+from vift.train.collate import IGNORE_INDEX, PaddingCollator, encode_conversation
 
 
 def records(ci_data, split, n):
@@ -68,7 +68,9 @@ def test_text_only_sample_has_no_image_tokens_and_no_pixels(tiny_lvlm, ci_data):
     sample = encode_conversation(processor, record, None, max_length=128)
     assert "pixel_values" not in sample
     assert int((sample["input_ids"] == processor.image_token_id).sum()) == 0
-    assert processor.tokenizer.decode(sample["input_ids"][sample["labels"] != IGNORE_INDEX]) == record.conversations[1].value + "<|im_end|>\n"
+    assert (
+        processor.tokenizer.decode(sample["input_ids"][sample["labels"] != IGNORE_INDEX]) == record.conversations[1].value + "<|im_end|>\n"
+    )
 
 
 def test_forward_on_a_batch_mixing_text_and_image_samples(tiny_lvlm, ci_data):

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vift.eval.stats import paired_comparison
 from vift.fusion.method import FusionSpec
 from vift.fusion.modes import choose_mode, describe_then_answer, fused_generate
 from vift.registry.pyfunc import ViftModel
+from vift.scoring.stats import paired_comparison
 
 
 def compare(first, second):
@@ -89,7 +89,7 @@ def test_describe_then_answer_is_the_ablation_row_computed_the_same_way(tiny_lvl
 def test_perception_counts_captions_that_state_exactly_the_reference_content(monkeypatch):
     from vift.data.manifests import VQARecord
     from vift.eval.ablation import perception
-    from vift.eval.stats import wilson_interval
+    from vift.scoring.stats import wilson_interval
 
     references = ["red circle at top left, blue square at center", "green triangle at center", "yellow square at bottom"]
     records = [VQARecord(id=f"q{i}", image=f"{i}.png", question="?", answer="1", reference=r) for i, r in enumerate(references)]
@@ -202,3 +202,33 @@ def test_calibration_keeps_no_fusion_unless_the_winner_beats_it_beyond_chance_wi
     # The search table shows each configuration's paired difference with no fusion and its interval.
     row = next(r for r in noisy["search"] if (r["a"], r["b"]) == (1.0, 0.0))
     assert row["difference_vs_neutral"] == pytest.approx(0.02) and row["ci95_low_vs_neutral"] < row["ci95_high_vs_neutral"]
+
+
+def test_the_fusion_sections_configuration_seeds_the_search_or_is_served_as_given():
+    from vift.config.schema import CalibrationParams
+    from vift.fusion.calibrate import search
+    from vift.fusion.method import FusionSpec
+
+    given = FusionSpec(a=0.5, b=0.25, layer_start=1, layer_end=3)  # on no grid point of the search below
+    params = CalibrationParams(modes=["additive"], weights=[0.0, 1.0], layer_ranges=[(0, 4)], budget=10)
+    seeded = search(_NoisyCalibrator(200, wins=12), params, start=given)
+    assert [(r["a"], r["b"], r["layer_start"]) for r in seeded["search"][:2]] == [(0.0, 0.0, 0), (0.5, 0.25, 1)]
+    assert seeded["fusion"]["a"] == 1.0 and seeded["calibration"]["searched"] is True  # the search still wins
+    # search off: only no fusion and the given configuration, which is served although it does not win.
+    fixed = search(_NoisyCalibrator(200, wins=12), params.model_copy(update={"search": False, "budget": 1}), start=given)
+    assert [r["phase"] for r in fixed["search"]] == ["fixed", "fixed"] and fixed["calibration"]["evaluated"] == 2
+    assert FusionSpec.from_dict(fixed["fusion"]) == given and fixed["calibration"]["searched"] is False
+    assert fixed["calibration"]["best_versus_neutral"]["difference"] == 0.0
+
+
+def test_a_fixed_fusion_outside_the_models_layers_is_refused_with_the_fields_named():
+    from vift.config import load_preset
+    from vift.errors import UserError
+    from vift.stages.calibrate import start_spec
+
+    params = load_preset("ci").model_copy(deep=True)
+    params.fusion.layer_start, params.fusion.layer_end = 2, 9
+    with pytest.raises(UserError, match=r"fusion.layer_start / fusion.layer_end: fusion layers \[2, 9\) outside the model's 4"):
+        start_spec(params, 4)
+    params.fusion.layer_end = 4
+    assert start_spec(params, 4).layer_range(4) == (2, 4)

@@ -23,16 +23,16 @@ from types import SimpleNamespace
 
 import pytest
 from PIL import Image
+from storage_support import free_port
 
 from tests.conftest import widened
 from vift.cli import main
 from vift.config import write_params
-from vift.data import Manifest
+from vift.data.manifests import Manifest
 from vift.errors import UserError
 from vift.fusion.method import FusionSpec, fused_generate
-from vift.registry import gate, tracking
+from vift.registry import gate, outputs, server, tracking
 from vift.registry.pyfunc import ViftModel
-from vift.storage.testing import free_port
 
 BIN = Path(sys.executable).parent
 FUSION = FusionSpec(mode="additive", positions="question", a=0.6, b=0.3, layer_start=1, layer_end=3)
@@ -65,7 +65,7 @@ def items(ci_data):
 @pytest.fixture(scope="module")
 def expected(saved_model, items):
     """Answers computed directly with fused_generate: fused (FUSION) and plain (None)."""
-    from vift.model import load_model, load_processor
+    from vift.model.loading import load_model, load_processor
 
     model, processor = load_model(saved_model).eval(), load_processor(saved_model)
     images = [Image.open(p).convert("RGB") for p in items[0]]
@@ -85,9 +85,7 @@ def sqlite_uri(tmp_path_factory) -> str:
 
 def metrics_payload(accuracy: float, spread: float = 0.05) -> dict:
     rows = {
-        "vift_fused": {
-            "accuracy": accuracy, "ci95": [accuracy - 0.1, accuracy + 0.1], "n": 48, "by_type": {"count_plus": accuracy}
-        },
+        "vift_fused": {"accuracy": accuracy, "ci95": [accuracy - 0.1, accuracy + 0.1], "n": 48, "by_type": {"count_plus": accuracy}},
         "vift_unfused": {"accuracy": 0.3, "ci95": [0.2, 0.4], "n": 48, "by_type": {"count_plus": 0.3}},
         "question_only": {"accuracy": 0.25, "ci95": [0.15, 0.35], "n": 48, "by_type": {}},
         "majority_per_type": {"accuracy": 0.3, "ci95": [0.2, 0.4], "n": 48, "by_type": {}},
@@ -169,9 +167,7 @@ def test_pyfunc_predict_accepts_path_bytes_and_base64_and_fusion_off_is_the_plai
         "base64": [base64.b64encode(b).decode() for b in as_bytes],
         "data_uri": ["data:image/png;base64," + base64.b64encode(b).decode() for b in as_bytes],
     }
-    answers = {
-        name: model.predict(None, pd.DataFrame({"image": images, "question": questions})) for name, images in forms.items()
-    }
+    answers = {name: model.predict(None, pd.DataFrame({"image": images, "question": questions})) for name, images in forms.items()}
     for name, got in answers.items():
         assert got == expected["fused"], name
     plain = model.predict(None, pd.DataFrame({"image": forms["base64"], "question": questions}), params={"fusion": False})
@@ -262,9 +258,9 @@ def test_a_stage_logs_its_outputs_with_steps_and_a_failed_stage_is_marked(ci_par
 def test_only_rank_zero_logs(ci_params, sqlite_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
     monkeypatch.chdir(tmp_path)
-    assert tracking.is_main_process({}) and tracking.is_main_process({"RANK": "0", "LOCAL_RANK": "0"})
-    assert not tracking.is_main_process({"RANK": "3", "LOCAL_RANK": "0"})
-    assert not tracking.is_main_process({"LOCAL_RANK": "1"})
+    assert server.is_main_process({}) and server.is_main_process({"RANK": "0", "LOCAL_RANK": "0"})
+    assert not server.is_main_process({"RANK": "3", "LOCAL_RANK": "0"})
+    assert not server.is_main_process({"LOCAL_RANK": "1"})
     monkeypatch.setenv("RANK", "1")
     with tracking.stage_run("train_text", params_for(ci_params, "ranks")) as handle:
         assert handle is None
@@ -300,9 +296,9 @@ def test_unreachable_server_is_a_clear_user_error_and_other_stages_still_run(ci_
 
 
 def test_credentials_are_not_shown_and_dvc_lock_hashes_become_tags(tmp_path):
-    assert tracking.redact("https://alice:s3cret@mlflow.example.com:5000") == "https://***@mlflow.example.com:5000"
+    assert server.redact("https://alice:s3cret@mlflow.example.com:5000") == "https://***@mlflow.example.com:5000"
     assert (
-        tracking.run_link("https://alice:s3cret@mlflow.example.com:5000/mlflow/", "7", "abc")
+        server.run_link("https://alice:s3cret@mlflow.example.com:5000/mlflow/", "7", "abc")
         == "https://mlflow.example.com:5000/mlflow/#/experiments/7/runs/abc"
     )
     (tmp_path / "dvc.lock").write_text(
@@ -310,7 +306,7 @@ def test_credentials_are_not_shown_and_dvc_lock_hashes_become_tags(tmp_path):
         "      hash: md5\n      md5: abc.dir\n    - path: reports/data.json\n      md5: zzz\n  calibrate:\n"
         "    outs:\n    - path: models/fusion.json\n      hash: md5\n      md5: def\n"
     )
-    assert tracking.dvc_lock_hashes(tmp_path) == {"data/benchmark": "abc.dir", "models/fusion.json": "def"}
+    assert outputs.dvc_lock_hashes(tmp_path) == {"data/benchmark": "abc.dir", "models/fusion.json": "def"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,9 +494,7 @@ def mlflow_server(tmp_path_factory):
     s3.start()
     s3_url = "http://{}:{}".format(*s3.get_host_and_port())
     credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    bucket = boto3.client(
-        "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
-    )
+    bucket = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
     bucket.create_bucket(Bucket="vift-artifacts")
     port = free_port()
     # No background job runner: the test needs the tracking API and the artifact proxy only.

@@ -269,7 +269,7 @@ def test_vift_info_does_not_print_the_tracking_password(ci_workspace, monkeypatc
 
 
 def test_error_messages_from_the_tracking_client_are_redacted():
-    from vift.registry.tracking import redact_text
+    from vift.registry.server import redact_text
 
     text = "API request to endpoint http://alice:hunter2@mlflow.example:5000/api/2.0 failed; s3://bucket/key"
     assert redact_text(text) == "API request to endpoint http://***@mlflow.example:5000/api/2.0 failed; s3://bucket/key"

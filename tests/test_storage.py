@@ -1,7 +1,7 @@
 """Storage: `vift storage configure/check/push/pull` against a real S3 HTTP endpoint (moto), and
 `vift data import`.
 
-The endpoint is moto's ThreadedMotoServer on 127.0.0.1 (vift.storage.testing.MotoEndpoint), started
+The endpoint is moto's ThreadedMotoServer on 127.0.0.1 (storage_support.MotoEndpoint), started
 and stopped per test; credentials are dummies set in the environment; every DVC command runs as a
 process inside a temporary git + DVC repository.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from storage_support import MotoEndpoint, cache_object_count, isolated_env, verify_content_addressed
 
 from vift.cli import main
-from vift.storage.testing import CLEARED_ENV, MotoEndpoint, cache_object_count, isolated_env, verify_content_addressed
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -235,8 +235,16 @@ def test_bad_input_and_failed_bucket_creation_write_nothing(repo, endpoint, caps
 
 
 def test_every_storage_command_has_help(capsys):
-    for command in (["storage"], ["storage", "configure"], ["storage", "check"], ["storage", "push"],
-                    ["storage", "pull"], ["storage", "remotes"], ["data"], ["data", "import"]):
+    for command in (
+        ["storage"],
+        ["storage", "configure"],
+        ["storage", "check"],
+        ["storage", "push"],
+        ["storage", "pull"],
+        ["storage", "remotes"],
+        ["data"],
+        ["data", "import"],
+    ):
         with pytest.raises(SystemExit) as exited:
             main([*command, "--help"])
         assert exited.value.code == 0
@@ -314,11 +322,19 @@ def write_external_dataset(root: Path) -> Path:
     with open(root / "captions.jsonl", "w") as handle:
         for index, colour in enumerate(colours):
             _png(root / "img" / f"{index}.png", colour)
-            record = {"id": f"cap-{index}", "image": f"img/{index}.png", "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"A {colour} square."}]}
+            record = {
+                "id": f"cap-{index}",
+                "image": f"img/{index}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": f"A {colour} square."},
+                ],
+            }
             handle.write(json.dumps(record) + "\n")
-    vqa = [{"id": f"q-{i}", "image": f"img/{i}.png", "question": "What colour is it?", "answer": c, "type": "colour"}
-           for i, c in enumerate(colours)]
+    vqa = [
+        {"id": f"q-{i}", "image": f"img/{i}.png", "question": "What colour is it?", "answer": c, "type": "colour"}
+        for i, c in enumerate(colours)
+    ]
     (root / "test.json").write_text("not a split\n")
     (root / "test.jsonl").write_text(json.dumps(vqa, indent=1))  # a JSON array works too
     (root / "calibration.jsonl").write_text("".join(json.dumps(r | {"id": f"cal-{r['id']}"}) + "\n" for r in vqa[:2]))
@@ -371,8 +387,13 @@ def test_data_import_rejects_bad_manifests_with_file_and_line(tmp_path, monkeypa
     source = write_external_dataset(tmp_path / "external")
     lines = (source / "captions.jsonl").read_text().splitlines()
     lines[1] = '{"id": "broken", '  # line 2: malformed JSON
-    lines[2] = json.dumps({"id": "x", "image": "img/missing.png", "conversations": [
-        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "?"}]})  # line 3: no such image
+    lines[2] = json.dumps(
+        {
+            "id": "x",
+            "image": "img/missing.png",
+            "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "?"}],
+        }
+    )  # line 3: no such image
     lines.append(json.dumps({"id": "y", "conversations": [{"from": "gpt", "value": "hi"}]}))  # line 5: invalid record
     (source / "captions.jsonl").write_text("\n".join(lines) + "\n")
     assert cli("params", "use", "ci") == 0

@@ -12,35 +12,27 @@ from collections import Counter
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
-
 from trainkit import (  # noqa: F401 - fixtures
     ci_base_model,
     make_workspace,
-    one_torch_thread,
     max_weight_difference,
     model_weights,
+    one_torch_thread,
     stage_report,
     subprocess_env,
     vift_command,
 )
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+
 from vift.config import apply_overrides
-from vift.data import ConversationRecord, Manifest
+from vift.data.manifests import ConversationRecord, Manifest
 from vift.errors import UserError
+from vift.train.checkpoints import CHECKPOINTS_DIR, latest_checkpoint, prepare_checkpoints
 from vift.train.collate import IGNORE_INDEX, ConversationDataset, PaddingCollator, encode_conversation
+from vift.train.mixture import fraction_size, load_records
 from vift.train.parts import optimizer_groups, part_of, set_trainable
 from vift.train.sampler import GroupedBatchSampler, Mixture
-from vift.train.stage import (
-    CAPTION_STAGE,
-    CHECKPOINTS_DIR,
-    TEXT_STAGE,
-    VIT_STAGE,
-    fraction_size,
-    latest_checkpoint,
-    load_records,
-    prepare_checkpoints,
-    run_stage,
-)
+from vift.train.stage import CAPTION_STAGE, TEXT_STAGE, VIT_STAGE, train_stage
 
 # Resumed and uninterrupted runs replay the same arithmetic in the same order on the same machine.
 RESUME_TOLERANCE = 1e-6
@@ -51,7 +43,9 @@ def mixture(ci_data, processor, text_share=0.5, instructions="text_instructions"
         records = list(Manifest(ci_data / f"{split}.jsonl", "conversation", ci_data))
         return ConversationDataset(records, processor, ci_data, max_length)
 
-    return Mixture({"captions": dataset("captions"), instructions: dataset(instructions)}, {"captions": 1 - text_share, instructions: text_share})
+    return Mixture(
+        {"captions": dataset("captions"), instructions: dataset(instructions)}, {"captions": 1 - text_share, instructions: text_share}
+    )
 
 
 # ---- labels and collation -------------------------------------------------------------------------
@@ -186,7 +180,7 @@ def test_parameters_map_to_the_three_parts(tiny_lvlm):
 
 
 def test_caption_stage_parts_leave_the_language_model_frozen(ci_params, ci_base_model):
-    from vift.model import load_model
+    from vift.model.loading import load_model
 
     model = load_model(ci_base_model)
     counts = set_trainable(model, ci_params.train.caption.trainable)
@@ -196,10 +190,17 @@ def test_caption_stage_parts_leave_the_language_model_frozen(ci_params, ci_base_
 
 
 def test_projector_and_vision_tower_get_their_own_learning_rates(ci_params, ci_base_model):
-    from vift.model import load_model
+    from vift.model.loading import load_model
 
     model = load_model(ci_base_model)
-    stage = ci_params.train.caption.model_copy(update={"trainable": ["projector", "vision_tower", "language_model"], "learning_rate": 1e-4, "vision_learning_rate": 3e-3, "projector_learning_rate": 2e-2})
+    stage = ci_params.train.caption.model_copy(
+        update={
+            "trainable": ["projector", "vision_tower", "language_model"],
+            "learning_rate": 1e-4,
+            "vision_learning_rate": 3e-3,
+            "projector_learning_rate": 2e-2,
+        }
+    )
     set_trainable(model, stage.trainable)
     groups = optimizer_groups(model, stage, decay_names=set())
     rates = {g["part"]: g["lr"] for g in groups}
@@ -245,7 +246,7 @@ def test_a_different_run_discards_old_checkpoints_and_a_partial_one_is_ignored(t
 def test_caption_stage_writes_a_complete_checkpoint_plots_and_metrics(make_workspace, monkeypatch):
     workspace, params = make_workspace("caption")
     monkeypatch.chdir(workspace)
-    summary = run_stage(CAPTION_STAGE, params)
+    summary = train_stage(CAPTION_STAGE, params)
 
     out = workspace / "models" / "caption"
     assert {p.name for p in out.glob("*.safetensors")} == {"model.safetensors"} and not list(out.glob("*.bin"))
@@ -274,7 +275,7 @@ def test_same_seed_gives_the_same_weights_and_a_byte_identical_report(make_works
     for name in ("first", "second"):
         workspace, params = make_workspace(name)
         monkeypatch.chdir(workspace)
-        run_stage(CAPTION_STAGE, params)
+        train_stage(CAPTION_STAGE, params)
         outputs.append(workspace)
     first, second = outputs
     assert max_weight_difference(first / "models" / "caption", second / "models" / "caption") == 0.0
@@ -286,7 +287,7 @@ def test_text_stage_mixes_text_and_caption_batches_at_the_ratio(make_workspace, 
     workspace, params = make_workspace("text", {"train.text.max_steps": 10, "train.vit.max_steps": 10})
     monkeypatch.chdir(workspace)
     (workspace / "models" / "caption").symlink_to(workspace / "models" / "base")
-    summary = run_stage(TEXT_STAGE, params)
+    summary = train_stage(TEXT_STAGE, params)
     mix = summary["mixture"]
     assert set(mix) == {"captions", "text_instructions"}
     assert mix["text_instructions"]["share"] == pytest.approx(0.5, abs=0.02)
@@ -299,7 +300,7 @@ def test_baseline_takes_the_text_stage_step_count_when_both_run_by_epochs(make_w
     monkeypatch.chdir(workspace)
     (workspace / "models" / "caption").symlink_to(workspace / "models" / "base")
     # 120 text instructions at share 0.5 -> 240 samples an epoch; a quarter of it in batches of 8.
-    assert run_stage(VIT_STAGE, params)["steps"] == 8
+    assert train_stage(VIT_STAGE, params)["steps"] == 8
     assert set(stage_report(workspace, "train_vit")["summary"]["mixture"]) == {"captions", "visual_instructions"}
 
 
@@ -320,7 +321,7 @@ def test_data_fraction_trains_every_source_on_a_nested_prefix_of_its_manifest(ma
     quarter, half, whole = (load_records("text_instructions", "fail", f) for f in (0.25, 0.5, 1.0))
     assert (len(quarter), len(half), len(whole)) == (30, 60, 120)
     assert [r.id for r in quarter] == [r.id for r in half[:30]] == [r.id for r in whole[:30]]
-    summary = run_stage(TEXT_STAGE, params)
+    summary = train_stage(TEXT_STAGE, params)
     assert summary["data_fraction"] == 0.25
     assert {name: source["records"] for name, source in summary["mixture"].items()} == {"captions": 30, "text_instructions": 30}
     assert stage_report(workspace, "train_text")["summary"]["data_fraction"] == 0.25
@@ -348,7 +349,7 @@ def test_nan_loss_stops_the_stage_with_an_error_naming_the_step(make_workspace, 
     workspace, params = make_workspace("nan")
     monkeypatch.chdir(workspace)
     with pytest.raises(UserError, match=r"train_caption: the loss became nan at optimizer step 3 of 6"):
-        run_stage(CAPTION_STAGE, params, callbacks=[PoisonWeights(after_step=2)])
+        train_stage(CAPTION_STAGE, params, callbacks=[PoisonWeights(after_step=2)])
     assert not (workspace / "models" / "caption").exists()
 
 
@@ -356,7 +357,7 @@ def test_lora_stage_saves_a_plain_checkpoint_with_the_adapters_merged(make_works
     workspace, params = make_workspace("lora", {"train.text.lora.enabled": True, "train.text.lora.r": 4})
     monkeypatch.chdir(workspace)
     (workspace / "models" / "caption").symlink_to(workspace / "models" / "base")
-    run_stage(TEXT_STAGE, params)
+    train_stage(TEXT_STAGE, params)
     base, trained = model_weights(workspace / "models" / "base"), model_weights(workspace / "models" / "vift")
     assert trained.keys() == base.keys()  # no lora_A / lora_B / modules_to_save leftovers
     changed = {k for k in base if not torch.equal(base[k], trained[k])}
@@ -388,9 +389,9 @@ def test_stage_killed_with_sigkill_resumes_and_matches_an_uninterrupted_run(make
     assert latest_checkpoint(checkpoints) is not None and not (killed / "models" / "vift").exists()
 
     monkeypatch.chdir(killed)
-    resumed = run_stage(TEXT_STAGE, params)
+    resumed = train_stage(TEXT_STAGE, params)
     monkeypatch.chdir(reference)
-    uninterrupted = run_stage(TEXT_STAGE, params)
+    uninterrupted = train_stage(TEXT_STAGE, params)
 
     assert 0 < stage_report(killed, "train_text_run")["resumed_from_step"] < 60
     assert resumed["steps"] == uninterrupted["steps"] == 60

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from trainkit import (  # noqa: F401 - fixtures
     ci_base_model,
     make_workspace,
@@ -13,7 +12,8 @@ from trainkit import (  # noqa: F401 - fixtures
     run_vift,
     stage_report,
 )
-from vift.train.stage import TEXT_STAGE, run_stage
+
+from vift.train.stage import TEXT_STAGE, train_stage
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(two_process_ru
     single, params = make_workspace("one", text_stage_overrides(processes=1, batch=2 * PER_RANK_BATCH))
     (single / "models" / "caption").symlink_to(single / "models" / "base")
     monkeypatch.chdir(single)
-    summary = run_stage(TEXT_STAGE, params)
+    summary = train_stage(TEXT_STAGE, params)
     distributed = stage_report(two_process_run, "train_text")["summary"]
     assert summary["mixture"] == distributed["mixture"]  # the same samples, step for step
     assert summary["final_loss"] == pytest.approx(distributed["final_loss"], abs=1e-4)

@@ -18,18 +18,16 @@ from scipy import stats as scipy_stats
 
 from tests.conftest import widened
 from vift.config.schema import CalibrationParams
-from vift.data import Manifest
-from vift.data.manifests import VQARecord, resolve_image
-from vift.eval import ablation
+from vift.data.manifests import Manifest, VQARecord, resolve_image
 from vift.eval.ablation import run_ablation, summarise
-from vift.eval.answers import score_answer
-from vift.eval.stats import paired_comparison, wilson_interval
 from vift.fusion.calibrate import Calibrator, search
 from vift.fusion.families import adapter_for
 from vift.fusion.hooks import PrefillEditor, capture_layer_inputs
 from vift.fusion.method import NEUTRAL, FusionSpec, align_right, capture_states, fused_positions, steered_generate
 from vift.model.loading import decoder_layers
 from vift.registry import gate
+from vift.scoring.answers import score_answer
+from vift.scoring.stats import paired_comparison, wilson_interval
 
 # --- statistics -------------------------------------------------------------------------------
 
@@ -337,7 +335,7 @@ def test_multiple_choice_gold_given_as_the_option_text_is_its_letter(prediction,
 
 
 def test_yes_no_gold_takes_the_first_yes_or_no_and_nothing_else():
-    from vift.eval.answers import extract_answer
+    from vift.scoring.answers import extract_answer
 
     assert extract_answer("Yes, there are more red shapes.", "yes") == "yes"
     assert extract_answer("I think no.", "yes") == "no"

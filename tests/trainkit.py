@@ -85,6 +85,4 @@ def subprocess_env() -> dict[str, str]:
 
 
 def run_vift(workspace: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        vift_command(*args), cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(vift_command(*args), cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)

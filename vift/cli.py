@@ -13,7 +13,6 @@ from pathlib import Path
 from vift import __version__
 from vift.errors import UserError
 
-
 # Failures of the machine, not of vift: a message naming the file, never a traceback. Writes are
 # atomic, so whatever was being written is simply not there.
 _ENVIRONMENT_ERRNOS = {
@@ -30,7 +29,7 @@ def _offline_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    from vift.registry.tracking import QUIET_URLS, redact
+    from vift.registry.server import QUIET_URLS, redact
     from vift.settings import bound_mlflow_http
 
     bound_mlflow_http()
@@ -41,7 +40,7 @@ def _offline_defaults() -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from vift.config import ACTIVE_PARAMS, load_params
-    from vift.registry.tracking import redact
+    from vift.registry.server import redact
     from vift.settings import dvc_remote, tracking_uri
 
     params_file = Path(args.params)
@@ -130,7 +129,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vift.storage.cli",
     "vift.storage.importer",
     "flows.cli",
-    "vift.bench",
+    "vift.perf.cli",
 )
 
 
@@ -173,9 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=STAGES)
     add_params_option(stage)
-    stage.add_argument(
-        "--dry-run", action="store_true", help="print how the stage would run (launch plan, effective arguments)"
-    )
+    stage.add_argument("--dry-run", action="store_true", help="print how the stage would run (launch plan, effective arguments)")
     stage.set_defaults(func=cmd_stage)
 
     for module in COMMAND_MODULES:
@@ -189,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as error:
-        from vift.registry.tracking import redact_text
+        from vift.registry.server import redact_text
 
         print(f"vift: error: {redact_text(str(error))}", file=sys.stderr)
         return error.exit_code

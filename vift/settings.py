@@ -37,4 +37,3 @@ def bound_mlflow_http() -> None:
     """Apply :data:`MLFLOW_HTTP_DEFAULTS` where the environment does not set them."""
     for key, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-

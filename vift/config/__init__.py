@@ -3,10 +3,10 @@
 from vift.config.load import (
     ACTIVE_PARAMS,
     PRESETS_DIR,
+    apply_overrides,
     available_presets,
     load_params,
     load_preset,
-    apply_overrides,
     write_params,
 )
 from vift.config.schema import Params

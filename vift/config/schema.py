@@ -177,8 +177,12 @@ class TrainParams(Section):
     caption: StageTrainParams = StageTrainParams()
     text: StageTrainParams = StageTrainParams(trainable=["projector", "language_model"], learning_rate=3e-4)
     vit: StageTrainParams = StageTrainParams(trainable=["projector", "language_model"], learning_rate=3e-4)
-    caption_check: Int = Field(
-        100, ge=0, description="held-out calibration images captioned after each stage to measure perception"
+    caption_check: Int = Field(100, ge=0, description="held-out calibration images captioned after each stage to measure perception")
+    check_batch_size: Int = Field(
+        64,
+        ge=1,
+        description="generation batch of the checks the base and training stages run (caption check, text "
+        "accuracy); its own knob so that changing eval.batch_size reruns no training",
     )
     data_fraction: Float = Field(
         1.0,
@@ -203,19 +207,20 @@ class TrainParams(Section):
         for name in equal_compute:
             text, vit = getattr(self.text, name), getattr(self.vit, name)
             if text != vit:
-                raise ValueError(
-                    f"vit.{name} ({vit}) must equal text.{name} ({text}): the baseline trains at the text stage's compute"
-                )
+                raise ValueError(f"vit.{name} ({vit}) must equal text.{name} ({text}): the baseline trains at the text stage's compute")
         return self
 
 
 class CalibrationParams(Section):
+    search: bool = Field(
+        True,
+        description="search the grid below (seeded with the fusion section's own configuration); false: serve "
+        "the fusion section's configuration as given, measured against no fusion but not replaced",
+    )
     modes: list[Literal["additive", "replace"]] = ["additive", "replace"]
     positions: list[Literal["question", "text_prompt"]] = ["question"]
     weights: list[Float] = [0.0, 0.25, 0.5, 0.75, 1.0]
-    layer_ranges: list[tuple[Int, Int]] | None = Field(
-        None, description="[start, end) candidates; None: derived from the model's depth"
-    )
+    layer_ranges: list[tuple[Int, Int]] | None = Field(None, description="[start, end) candidates; None: derived from the model's depth")
     budget: Int = Field(60, ge=1, description="most configurations evaluated (coarse grid + refinement)")
     batch_size: Int = Field(32, ge=1)
     significance: Float = Field(
@@ -241,6 +246,8 @@ class CalibrationParams(Section):
 
 
 class FusionParams(Section):
+    """The fusion configuration to start from (or, with ``calibrate.search: false``, to serve)."""
+
     mode: Literal["additive", "replace"] = "additive"
     positions: Literal["question", "text_prompt"] = "question"
     a: Float = 0.0
@@ -300,9 +307,7 @@ class PromptParams(Section):
 
 
 class RegistryParams(Section):
-    model_name: str | None = Field(
-        None, min_length=1, description="registered model name; null: vift-<data.name>, else vift-<data.source>"
-    )
+    model_name: str | None = Field(None, min_length=1, description="registered model name; null: vift-<data.name>, else vift-<data.source>")
     experiment: str = "vift"
     gate_metric: str = Field(
         "served",

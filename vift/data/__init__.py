@@ -1,15 +1,5 @@
-"""Data: the ShapeTally world, manifest formats and streaming loaders."""
+"""Data: the ShapeTally world, manifest formats and streaming loaders, the import contract.
 
-from vift.data.generate import EVAL_SPLITS, SPLITS, TRAIN_SPLITS, generate_shapetally, training_corpus
-from vift.data.manifests import ConversationRecord, Manifest, VQARecord
-
-__all__ = [
-    "EVAL_SPLITS",
-    "SPLITS",
-    "TRAIN_SPLITS",
-    "ConversationRecord",
-    "Manifest",
-    "VQARecord",
-    "generate_shapetally",
-    "training_corpus",
-]
+Import from the submodules (``vift.data.manifests``, ``vift.data.generate``, ...): a package that
+re-exported them would make every stage that reads a manifest depend on the generator too.
+"""

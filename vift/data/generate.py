@@ -9,17 +9,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vift.config.schema import DataParams
+from vift.data.manifests import IMAGE_TOKEN, Manifest
 from vift.data.world import (
     DESCRIBE_PROMPT,
     Scene,
+    render,
     sample_arithmetic,
     sample_question,
     sample_scene,
     split_rng,
     text_prompt,
-    render,
 )
-from vift.data.manifests import IMAGE_TOKEN, Manifest
 from vift.io import atomic_directory, atomic_write_json
 
 TRAIN_SPLITS = ("backbone_text", "captions", "text_instructions", "visual_instructions")
@@ -50,7 +50,11 @@ SPLIT_READERS = {
 
 def missing_required(directory: Path) -> list[str]:
     """``file: what reads it`` for every required split that ``directory`` lacks."""
-    return [f"{directory / f'{s}.jsonl'}: missing; read by {SPLIT_READERS[s]}" for s in REQUIRED_SPLITS if not (directory / f"{s}.jsonl").exists()]
+    return [
+        f"{directory / f'{s}.jsonl'}: missing; read by {SPLIT_READERS[s]}"
+        for s in REQUIRED_SPLITS
+        if not (directory / f"{s}.jsonl").exists()
+    ]
 
 
 def training_corpus(root: Path) -> Iterator[str]:
@@ -60,6 +64,8 @@ def training_corpus(root: Path) -> Iterator[str]:
             continue
         for record in Manifest(root / f"{split}.jsonl", "conversation", root, check_images=False):
             yield from (turn.value for turn in record.conversations)
+
+
 ARITHMETIC_SHARE = 0.3  # share of pure arithmetic among text-only instructions
 BOARD_SHARE = 0.25  # share of board -> description records in backbone_text (see Scene.board)
 

@@ -241,6 +241,12 @@ def image_problem(image: Image.Image) -> str | None:
     return None
 
 
+def load_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path``, decoded, as RGB: the one way training, evaluation and the tools read images."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def check_image(path: Path) -> str | None:
     """None if ``path`` is a readable image, else the problem in words.
 
@@ -384,4 +390,3 @@ def caption_instruction(captions_manifest: str | Path) -> str:
     for record in Manifest(captions_manifest, "conversation", check_images=False):
         return record.conversations[0].value.replace(IMAGE_TOKEN, "", 1).strip()
     raise UserError(f"{captions_manifest}: no caption records", exit_code=2)
-

@@ -91,11 +91,7 @@ class Scene:
         return "".join(cells)
 
     def count(self, colour: str | None = None, shape: str | None = None) -> int:
-        return sum(
-            1
-            for o in self.objects
-            if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
-        )
+        return sum(1 for o in self.objects if (colour is None or o.colour == colour) and (shape is None or o.shape == shape))
 
 
 @dataclass(frozen=True)

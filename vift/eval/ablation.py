@@ -31,9 +31,9 @@ from PIL import Image
 
 from vift.data.manifests import reference_of
 from vift.eval.runner import predict, prediction_rows, score
-from vift.eval.stats import paired_comparison
 from vift.fusion.method import FusionSpec
 from vift.fusion.modes import CAPTION_TOKENS, Prompts, describe_then_answer
+from vift.scoring.stats import paired_comparison
 
 CONTROLS = ("vift_unfused", "question_only", "fused_wrong_image", "fused_blank_image")
 COMPARED_WITH_FUSED = (*CONTROLS, "describe_then_answer", "vit_baseline", "caption_only")
@@ -132,9 +132,7 @@ def summarise(rows: dict[str, list[dict]], bootstrap_samples: int, seed: int) ->
     beats = {other: paired[f"vift_fused_vs_{other}"]["ci95"][0] > 0 for other in CONTROLS if other in rows}
     evidence = {
         row: {
-            control: paired_comparison(
-                [r["correct"] for r in rows[row]], [r["correct"] for r in rows[control]], bootstrap_samples, seed
-            )
+            control: paired_comparison([r["correct"] for r in rows[row]], [r["correct"] for r in rows[control]], bootstrap_samples, seed)
             for control in PRIOR_CONTROLS
             if control in rows
         }
@@ -160,8 +158,8 @@ def perception(
 ) -> dict | None:  # fmt: skip
     """Per model (caption / vift / vit): how often its caption of a test image states exactly the
     reference content (Wilson 95 % interval), and phrase-level F1. None without references."""
-    from vift.eval.stats import wilson_interval
     from vift.fusion.method import fused_generate
+    from vift.scoring.stats import wilson_interval
     from vift.train.caption_check import caption_states_reference, score_captions
 
     references = [reference_of(r) for r in records]
@@ -170,7 +168,9 @@ def perception(
     out = {}
     for name, load in models.items():
         model, processor = load()
-        captions = fused_generate(model, processor, images, [prompt] * len(records), None, batch_size=batch_size, max_new_tokens=caption_tokens)
+        captions = fused_generate(
+            model, processor, images, [prompt] * len(records), None, batch_size=batch_size, max_new_tokens=caption_tokens
+        )
         correct = sum(caption_states_reference(c, r) for c, r in zip(captions, references))
         scores = score_captions(captions, references)
         out[name] = {
@@ -181,4 +181,3 @@ def perception(
             "examples": [{"reference": r, "caption": c} for r, c in zip(references[:2], captions[:2])],
         }
     return out
-

@@ -55,7 +55,7 @@ def load_fusion(path: str | Path):
 def _load_registered(reference: str):
     """(model, processor, registered fusion) of a ``models:/`` URI, through the registry's loader."""
     try:
-        from vift.registry.cli import load_registered
+        from vift.registry.loaded import load_registered
     except ImportError:
         load_registered = None
     if load_registered is None:
@@ -99,7 +99,7 @@ def _load_model(reference: str, dtype: str, trust_remote_code: bool, device: str
 def _judge(enabled: bool, params):
     if not enabled:
         return None
-    from vift.eval.judge import Judge, JudgeConfig
+    from vift.benchmarks.judge import Judge, JudgeConfig
 
     return Judge(JudgeConfig.from_env(default_model=params.eval.judge.model))
 
@@ -116,7 +116,10 @@ def summary_table(title: str, metrics: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vift.eval.benchmarks import SPECS, generate_answers, load_benchmark, make_scorer, no_answer_count
+    from vift.benchmarks.formats import load_benchmark
+    from vift.benchmarks.generation import generate_answers
+    from vift.benchmarks.scoring import make_scorer, no_answer_count
+    from vift.benchmarks.specs import SPECS
     from vift.eval.runner import prediction_rows, score
     from vift.io import atomic_write_json, atomic_write_text
 
@@ -131,9 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # fail fast on everything the user typed before loading a model
     fusion = None if args.no_fusion or not args.fusion else load_fusion(args.fusion)
     judge = _judge(judge_on, params)
-    records, annotation, data_dir = load_benchmark(
-        args.benchmark, args.data, args.file, args.limit, args.breakdown, args.prompt_field
-    )
+    records, annotation, data_dir = load_benchmark(args.benchmark, args.data, args.file, args.limit, args.breakdown, args.prompt_field)
     out = Path(args.out) if args.out else DEFAULT_OUT / args.benchmark
     if args.benchmark != "vqa" and max_new_tokens < 64:
         print(f"vift eval: note: max_new_tokens={max_new_tokens} leaves no room for reasoning; "
@@ -181,7 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub, add_params_option) -> None:
-    from vift.eval.benchmarks import BENCHMARKS
+    from vift.benchmarks.specs import BENCHMARKS
 
     p = sub.add_parser(
         "eval",
@@ -210,7 +211,11 @@ def add_commands(sub, add_params_option) -> None:
         "default: eval.judge.enabled",
     )  # fmt: skip
     p.add_argument("--breakdown", metavar="KEY", help="per-type key (mathvista: category; mathverse: problem_version; mathvision: subject)")
-    p.add_argument("--prompt-field", metavar="FIELD", help="ask the record's own prompt field verbatim (mathvista: query; mathverse: query_cot or query_wo)")
+    p.add_argument(
+        "--prompt-field",
+        metavar="FIELD",
+        help="ask the record's own prompt field verbatim (mathvista: query; mathverse: query_cot or query_wo)",
+    )
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: model.dtype of the parameters")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")

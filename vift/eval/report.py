@@ -35,8 +35,16 @@ def ablation_markdown(metrics: dict, fusion: dict, title: str) -> str:
     ]
     for name, row in rows.items():
         by_type = " | ".join(percent(row["by_type"][t]["accuracy"]) if t in row["by_type"] else "" for t in types)
-        lines.append(f"| {name} | {percent(row['accuracy'])} | {percent(row['ci95'][0])}–{percent(row['ci95'][1])} | {row['n']} | {by_type} |")
-    lines += ["", "## Paired comparisons (same items)", "", "| comparison | difference (pp) | paired bootstrap 95 % CI | only fused right | only other right | McNemar p |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {name} | {percent(row['accuracy'])} | {percent(row['ci95'][0])}–{percent(row['ci95'][1])} | {row['n']} | {by_type} |"
+        )
+    lines += [
+        "",
+        "## Paired comparisons (same items)",
+        "",
+        "| comparison | difference (pp) | paired bootstrap 95 % CI | only fused right | only other right | McNemar p |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
     for name, pair in metrics["paired"].items():
         lines.append(
             f"| {name} | {100 * pair['difference']:+.1f} | {100 * pair['ci95'][0]:+.1f} to {100 * pair['ci95'][1]:+.1f} | "

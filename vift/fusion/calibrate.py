@@ -20,11 +20,11 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vift.config.schema import CalibrationParams
-from vift.eval.answers import score_answer
-from vift.eval.stats import beyond_chance, paired_comparison
 from vift.fusion.families import adapter_for
 from vift.fusion.method import NEUTRAL, FusionSpec, capture_states, steered_generate
 from vift.model.loading import decoder_layers
+from vift.scoring.answers import score_answer
+from vift.scoring.stats import beyond_chance, paired_comparison
 
 WEIGHT_FIELDS = {"additive": ("a", "b"), "replace": ("w_vis", "w_text")}
 
@@ -161,25 +161,35 @@ def _neighbours(spec: FusionSpec, weights: Sequence[float], ranges: Sequence[tup
     return result
 
 
-def search(calibrator: Calibrator, params: CalibrationParams, progress=None, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
+def search(
+    calibrator: Calibrator,
+    params: CalibrationParams,
+    progress=None,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    start: FusionSpec = NEUTRAL,
+) -> dict:
     """Coarse grid, then refinement; returns the chosen spec and the whole search table.
 
     The most accurate configuration (ties: the best gold-answer log-likelihood) is chosen only if
     it beats no fusion beyond chance (paired bootstrap CI above 0 and McNemar p below
     ``params.significance`` / configurations evaluated); otherwise no fusion is kept, and says so.
+    ``start`` (``params.fusion``'s own configuration) is evaluated first after no fusion: it seeds
+    the search; with ``params.search`` off it is the only candidate and is served as given.
     """
     ranges = candidate_ranges(calibrator.num_layers, params.layer_ranges)
     coarse_weights = sorted(set(params.weights[::2]) | {params.weights[-1]})
     groups = [_grid(m, p, r, coarse_weights) for m, p, r in itertools.product(params.modes, params.positions, ranges)]
     # Round-robin over (mode, positions, range) groups, so a truncated coarse grid covers each alike.
-    coarse = [NEUTRAL] + [spec for row in zip(*groups) for spec in row]
-    coarse_budget = max(1, (2 * params.budget) // 3) if len(coarse) > params.budget else len(coarse)
+    grid = [spec for row in zip(*groups) for spec in row] if params.search else []
+    coarse = list(dict.fromkeys([NEUTRAL, start, *grid]))
+    coarse_budget = max(1, (2 * params.budget) // 3) if params.search and len(coarse) > params.budget else len(coarse)
     table: dict[FusionSpec, dict] = {}
 
     correct: dict[FusionSpec, list[bool]] = {}
 
     def evaluate(spec: FusionSpec, phase: str) -> None:
-        if spec in table or len(table) >= params.budget:
+        if spec in table or (params.search and len(table) >= params.budget):
             return
         correct[spec] = calibrator.correct(spec)
         table[spec] = {"accuracy": sum(correct[spec]) / max(1, len(correct[spec])), "phase": phase}
@@ -187,8 +197,8 @@ def search(calibrator: Calibrator, params: CalibrationParams, progress=None, boo
             progress(len(table), params.budget)
 
     for spec in coarse[:coarse_budget]:
-        evaluate(spec, "coarse")
-    improved = True
+        evaluate(spec, "coarse" if params.search else "fixed")
+    improved = params.search
     while improved and len(table) < params.budget:
         best = max(table, key=lambda s: table[s]["accuracy"])
         before = len(table)
@@ -199,7 +209,7 @@ def search(calibrator: Calibrator, params: CalibrationParams, progress=None, boo
     tied = [spec for spec, row in table.items() if row["accuracy"] == top]
     for spec in tied if len(tied) > 1 else []:
         table[spec]["answer_log_likelihood"] = calibrator.answer_log_likelihood(spec)
-    best = max(tied, key=lambda s: table[s].get("answer_log_likelihood", 0.0))
+    best = max(tied, key=lambda s: table[s].get("answer_log_likelihood", 0.0)) if params.search else start
     versus_neutral = {}
     for spec, row in table.items():  # each configuration against no fusion, on the same items
         comparison = versus_neutral[spec] = paired_comparison(correct[spec], correct[NEUTRAL], bootstrap_samples, seed)
@@ -214,7 +224,7 @@ def search(calibrator: Calibrator, params: CalibrationParams, progress=None, boo
     # items otherwise "wins" by luck (measured: 14.5 % vs 5.0 % on calibration, nothing on test).
     threshold = params.significance / len(table)
     significant = best.is_neutral or beyond_chance(versus_neutral[best], threshold)
-    chosen = best if significant or params.significance >= 1 else NEUTRAL
+    chosen = best if significant or params.significance >= 1 or not params.search else NEUTRAL
     rows = [{**spec.to_dict(), "layer_end": spec.layer_range(calibrator.num_layers)[1], **row} for spec, row in table.items()]
     return {
         "fusion": {**chosen.to_dict(), "layer_end": chosen.layer_range(calibrator.num_layers)[1]},
@@ -229,6 +239,7 @@ def search(calibrator: Calibrator, params: CalibrationParams, progress=None, boo
             },
             "unfused_accuracy": table[NEUTRAL]["accuracy"],
             "chosen_is_neutral": chosen.is_neutral,
+            "searched": params.search,
             "tied_at_top": len(tied),
             "evaluated": len(table),
             "budget": params.budget,

@@ -54,9 +54,7 @@ def layer_pre_hooks(layers: Sequence[torch.nn.Module], hooks: dict[int, HookFn])
 
 
 @torch.inference_mode()
-def capture_layer_inputs(
-    model, layers: Sequence[torch.nn.Module], inputs: dict, start: int, end: int
-) -> list[torch.Tensor]:
+def capture_layer_inputs(model, layers: Sequence[torch.nn.Module], inputs: dict, start: int, end: int) -> list[torch.Tensor]:
     """Inputs of ``layers[start:end]`` for the prefill of ``inputs``: a list of ``(batch, seq, hidden)``.
 
     The prefill runs through ``generate`` (one new token) so position ids, masks and multimodal

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from vift.data.manifests import caption_instruction
 from vift.data.world import DESCRIBE_PROMPT, SCENE_PREFIX
-from vift.eval.stats import SIGNIFICANCE, beyond_chance
 from vift.fusion.method import FusionSpec, fused_generate
+from vift.scoring.stats import SIGNIFICANCE, beyond_chance
 
 MODES = ("plain", "fused", "describe_then_answer")
 MODE_ROWS = {"plain": "vift_unfused", "fused": "vift_fused", "describe_then_answer": "describe_then_answer"}
@@ -50,7 +50,9 @@ def describe_then_answer(
     prompts: Prompts = Prompts(), caption_tokens: int = CAPTION_TOKENS,
 ) -> tuple[list[str], list[str]]:  # fmt: skip
     """(answers, captions): each image captioned, then its question answered over the caption as text."""
-    captions = fused_generate(model, processor, images, [prompts.describe] * len(questions), None, batch_size=batch_size, max_new_tokens=caption_tokens)
+    captions = fused_generate(
+        model, processor, images, [prompts.describe] * len(questions), None, batch_size=batch_size, max_new_tokens=caption_tokens
+    )
     over_captions = [prompts.over(caption, question) for caption, question in zip(captions, questions)]
     answers = fused_generate(model, processor, None, over_captions, None, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return answers, captions
@@ -74,7 +76,7 @@ def choose_mode(correct: dict[str, Sequence[bool]], compare) -> dict:
 
     ``plain`` unless another mode beats it with the paired 95 % interval of the accuracy difference
     above 0 and the exact McNemar test below 0.05 (``compare(first, second)`` returns
-    :func:`vift.eval.stats.paired_comparison`'s dict); among those, the most accurate. A mode
+    :func:`vift.scoring.stats.paired_comparison`'s dict); among those, the most accurate. A mode
     that only ties or wins by noise is not served.
     """
     accuracy = {mode: sum(items) / max(1, len(items)) for mode, items in correct.items()}

@@ -1,6 +1,5 @@
-"""Models: the offline tiny LVLM, loading of any HF LVLM checkpoint."""
+"""Models: the offline tiny LVLM, composing and loading any HF LVLM checkpoint.
 
-from vift.model.loading import check_checkpoint, decoder_layers, load_model, load_processor
-from vift.model.tiny import build_tiny_lvlm
-
-__all__ = ["build_tiny_lvlm", "check_checkpoint", "decoder_layers", "load_model", "load_processor"]
+Import from the submodules (``vift.model.loading``, ``vift.model.tiny``, ...), so that loading a
+checkpoint does not depend on the tiny model's code.
+"""

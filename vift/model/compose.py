@@ -23,9 +23,10 @@ from transformers import (
     LlavaProcessor,
 )
 
+from vift.data.manifests import IMAGE_TOKEN
 from vift.errors import UserError
 from vift.model.loading import DTYPES, check_checkpoint
-from vift.model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN
+from vift.model.tokenizer import CHAT_TEMPLATE
 
 
 def _vision_config(config):

@@ -27,9 +27,7 @@ def check_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_model(
-    path: str | Path, dtype: str = "auto", trust_remote_code: bool = False
-) -> PreTrainedModel:
+def load_model(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
     path = check_checkpoint(path)
     return AutoModelForImageTextToText.from_pretrained(
         path,

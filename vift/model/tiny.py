@@ -18,7 +18,8 @@ from transformers import (
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from vift.config.schema import TinyModelParams
-from vift.model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, train_tokenizer
+from vift.data.manifests import IMAGE_TOKEN
+from vift.model.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 
 def build_tiny_lvlm(

@@ -7,12 +7,12 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vift.data.manifests import IMAGE_TOKEN
 from vift.data.world import CELL_TOKENS
 
 PAD_TOKEN = "<|pad|>"
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
-IMAGE_TOKEN = "<image>"
 # Byte-level BPE never needs an unknown token; it is declared so that reloading with AutoTokenizer
 # (which otherwise adds a default one) keeps the vocabulary the model was built for.
 UNK_TOKEN = "<|endoftext|>"

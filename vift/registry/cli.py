@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from vift.errors import UserError
+from vift.registry.loaded import load_registered
 
 
 def _default_model(params_file: str) -> str | None:
@@ -16,56 +17,6 @@ def _default_model(params_file: str) -> str | None:
     if not path.is_file():
         return None
     return f"models:/{load_params(path).registered_model_name()}@champion"
-
-
-def _resolve_version(client, uri: str) -> dict:
-    """``{"name", "version", "run_id"}`` of a ``models:/name@alias`` or ``models:/name/version`` URI."""
-    rest = uri[len("models:/") :] if uri.startswith("models:/") else None
-    if not rest:
-        return {}
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    elif "/" in rest:
-        name, number = rest.split("/", 1)
-        version = client.get_model_version(name, number)
-    else:
-        return {}
-    return {"name": name, "version": str(version.version), "run_id": version.run_id}
-
-
-def load_registered(model_uri: str):
-    """(pyfunc model, version info) for ``model_uri`` on the configured tracking server."""
-    import mlflow
-
-    from vift.registry.tracking import check_reachable, guard, is_missing, redact, using_tracking_uri
-    from vift.settings import tracking_uri
-
-    uri = tracking_uri()
-    check_reachable(uri)
-    from mlflow.exceptions import MlflowException
-
-    with using_tracking_uri(uri):
-        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-        with guard(uri, f"resolve {model_uri}"):
-            try:
-                info = _resolve_version(client, model_uri)
-            except MlflowException as error:
-                if is_missing(error, invalid_parameter=True):
-                    raise UserError(
-                        f"{model_uri}: no such registered model version on {redact(uri)}; run `vift stage register` "
-                        f"(or `dvc repro`) against this tracking URI, or check the name and alias"
-                        + (
-                            f". A version that does not beat its controls is only @candidate (reports/registration.json "
-                            f"says why): --model {model_uri.rsplit('@', 1)[0]}@candidate serves it anyway"
-                            if model_uri.endswith("@champion")
-                            else ""
-                        )
-                    ) from None
-                raise
-        with guard(uri, f"load {model_uri}"):
-            model = mlflow.pyfunc.load_model(model_uri)
-    return model, info
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

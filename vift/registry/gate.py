@@ -24,8 +24,12 @@ from vift import paths
 from vift.data.manifests import Manifest
 from vift.errors import UserError
 from vift.io import atomic_write_json
+from vift.paths import FUSION_JSON as FUSION_FILE
+from vift.paths import METRICS_JSON as METRICS_FILE
+from vift.paths import REGISTRATION_JSON as REGISTRATION_FILE
 from vift.registry import tracking
-from vift.registry.tracking import FUSION_FILE, METRICS_FILE, REGISTRATION_FILE, StageRun, guard, redact, run_link
+from vift.registry.server import guard, redact, run_link
+from vift.registry.tracking import StageRun
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -72,8 +76,7 @@ def read_metrics(workspace: Path, gate_metric: str) -> tuple[dict, dict]:
     row = rows.get(gate_metric)
     if not isinstance(row, Mapping) or not isinstance(row.get("accuracy"), (int, float)):
         raise UserError(
-            f"registry.gate_metric: row {gate_metric!r} with an 'accuracy' is not in {METRICS_FILE} "
-            f"(rows: {', '.join(sorted(rows))})",
+            f"registry.gate_metric: row {gate_metric!r} with an 'accuracy' is not in {METRICS_FILE} (rows: {', '.join(sorted(rows))})",
             exit_code=2,
         )
     evidence = content.get("evidence")
@@ -91,7 +94,7 @@ def evidence_failure(evidence: Mapping | None, gate_metric: str) -> Decision | N
     to use the image at all: it may be registered, never made champion.
     """
     from vift.eval.ablation import PRIOR_CONTROLS
-    from vift.eval.stats import beyond_chance
+    from vift.scoring.stats import beyond_chance
 
     if evidence is None:
         return Decision(False, f"{METRICS_FILE} has no paired evidence for {gate_metric}; re-run the evaluate stage")
@@ -253,8 +256,8 @@ def register_run(params, handle: StageRun) -> dict:
     """Register ``handle``'s run (idempotent), apply the gate, write ``reports/registration.json``."""
     import mlflow
 
-    from vift.model.loading import check_checkpoint
     from vift.fusion.modes import MODE_ROWS
+    from vift.model.loading import check_checkpoint
     from vift.registry.pyfunc import log_pyfunc, read_fusion, read_serving
 
     workspace = handle.workspace
@@ -296,9 +299,7 @@ def register_run(params, handle: StageRun) -> dict:
         "run_id": handle.run_id,
         "run_url": run_link(uri, handle.experiment_id, handle.run_id),
         "fusion": fusion.to_dict(),
-        "accuracies": {
-            row: values.get("accuracy") for row, values in rows.items() if isinstance(values, Mapping)
-        },
+        "accuracies": {row: values.get("accuracy") for row, values in rows.items() if isinstance(values, Mapping)},
         "gate_ci95": gate_row.get("ci95"),
         "served_mode": served_mode,
         "gate_row": gate_row_name,
@@ -315,7 +316,7 @@ def register_run(params, handle: StageRun) -> dict:
                 report["why"] += "; its interrupted champion gate was completed"
     else:
         with guard(uri, "log the outputs of earlier stages"):
-            backfilled = handle.backfill(tracking_stages())
+            backfilled = handle.backfill(paths.STAGES)
         if backfilled:
             report["backfilled_stages"] = backfilled
         image, question = _example(workspace)
@@ -379,7 +380,8 @@ def model_card(params, workspace: Path, name: str, version: str, run_id: str, se
         "",
         f"ViFT (visual instruction-free fine-tuning), pipeline run `{run_id}`, preset `{params.preset}`.",
         "",
-        f"- **data**: {data.name or data.source}" + (f" (`{data.import_dir}`)" if data.import_dir else "")
+        f"- **data**: {data.name or data.source}"
+        + (f" (`{data.import_dir}`)" if data.import_dir else "")
         + (": " + ", ".join(f"{split} {n}" for split, n in sizes.items()) if sizes else ""),
         f"- **recipe**: base `{params.model.base}`; captions, then text-only instructions mixed with captions "
         f"({params.train.text.text_ratio:g} text); no visual instructions",
@@ -394,11 +396,8 @@ def model_card(params, workspace: Path, name: str, version: str, run_id: str, se
         lines.append(f"| {row} | {percent(values['accuracy'])} | {percent(low)}–{percent(high)} | {values['n']} |")
     verdict = metrics.get("verdict", {})
     if verdict:
-        lines += ["", f"**Verdict on fusion:** {'beats' if verdict.get('fusion_beats_controls') else 'does NOT beat'} its controls ({verdict.get('rule', '')})."]
+        lines += [
+            "",
+            f"**Verdict on fusion:** {'beats' if verdict.get('fusion_beats_controls') else 'does NOT beat'} its controls ({verdict.get('rule', '')}).",
+        ]
     return "\n".join(lines) + "\n"
-
-
-def tracking_stages() -> tuple[str, ...]:
-    from vift.stages import STAGES
-
-    return STAGES

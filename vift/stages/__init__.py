@@ -6,11 +6,9 @@ A stage is a module here with ``run(params)``; its name is the module's name.
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
 from vift.errors import UserError
-
-STAGES: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+from vift.paths import STAGES
 
 
 def run_stage(name: str, params) -> None:

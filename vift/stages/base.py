@@ -53,13 +53,13 @@ def run(params: Params) -> None:
         if params.model.base == "tiny":
             model, processor = build_tiny_lvlm(params.model.tiny, params.data.image_size, training_corpus(paths.DATA_DIR), params.seed)
             report["parameters"] = sum(p.numel() for p in model.parameters())
-            report["text_accuracy_before"] = text_accuracy(model, processor, params.eval.batch_size).get("accuracy")
+            report["text_accuracy_before"] = text_accuracy(model, processor, params.train.check_batch_size).get("accuracy")
             split = next(s for s in PRETRAIN_SPLITS if paths.manifest(s).exists())  # the data contract requires the last
             report["pretrain_split"] = split
             backbone = list(Manifest(paths.manifest(split), "conversation", paths.DATA_DIR, check_images=False))
             history = pretrain_language_model(model, processor, backbone, params.model.pretrain, params.seed)
             report["pretrain_loss"] = [h["loss"] for h in history if "loss" in h]
-            report["text_accuracy"] = text_accuracy(model, processor, params.eval.batch_size)
+            report["text_accuracy"] = text_accuracy(model, processor, params.train.check_batch_size)
             model.save_pretrained(out)
             processor.save_pretrained(out)
         elif params.model.base == "compose":

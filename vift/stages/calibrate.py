@@ -9,16 +9,18 @@ import time
 from rich.progress import Progress
 
 from vift import paths
+from vift.config.load import ACTIVE_PARAMS
 from vift.config.schema import Params
-from vift.eval.answers import score_answer
+from vift.errors import UserError
 from vift.eval.plots import calibration_heatmap
 from vift.eval.runner import load_images, load_vqa
-from vift.eval.stats import paired_comparison
 from vift.fusion.calibrate import Calibrator, search
 from vift.fusion.method import FusionSpec
 from vift.fusion.modes import MODES, Prompts, answer, choose_mode
 from vift.io import atomic_write_json, atomic_write_text
 from vift.model.loading import load_model, load_processor
+from vift.scoring.answers import score_answer
+from vift.scoring.stats import paired_comparison
 
 
 def serving_mode(model, processor, records, images, fusion: FusionSpec, params: Params) -> dict:
@@ -35,6 +37,16 @@ def serving_mode(model, processor, records, images, fusion: FusionSpec, params: 
     return {**chosen, "prompts": prompts.to_dict()}  # the served model asks the same way
 
 
+def start_spec(params: Params, num_layers: int) -> FusionSpec:
+    """``params.fusion`` as a configuration of this model: the search's seed, or the fixed fusion."""
+    spec = FusionSpec.from_dict(params.fusion.model_dump())
+    try:
+        spec.layer_range(num_layers)
+    except ValueError as error:
+        raise UserError(f"{ACTIVE_PARAMS}: fusion.layer_start / fusion.layer_end: {error}", exit_code=2) from None
+    return spec
+
+
 def run(params: Params) -> None:
     started = time.time()
     model = load_model(paths.VIFT_MODEL, params.model.dtype, params.model.trust_remote_code).eval()
@@ -46,7 +58,7 @@ def run(params: Params) -> None:
         task = progress.add_task("calibrating fusion", total=params.fusion.calibrate.budget)
         result = search(
             calibrator, params.fusion.calibrate, lambda done, total: progress.update(task, completed=done),
-            params.eval.bootstrap_samples, params.eval.seed,
+            params.eval.bootstrap_samples, params.eval.seed, start_spec(params, calibrator.num_layers),
         )  # fmt: skip
     # Timings go to the log, not into outputs: outputs must be byte-identical when rerun.
     print(f"calibrate: {result['calibration']['evaluated']} configurations in {time.time() - started:.0f} s", flush=True)

@@ -12,9 +12,9 @@ from vift.eval.plots import accuracy_bars, accuracy_by_type
 from vift.eval.report import ablation_markdown
 from vift.eval.runner import load_images, load_vqa
 from vift.fusion.method import FusionSpec
+from vift.fusion.modes import Prompts
 from vift.io import atomic_directory, atomic_write_json, atomic_write_text
 from vift.model.loading import load_model, load_processor
-from vift.fusion.modes import Prompts
 
 
 def _loader(path, params: Params):
@@ -58,8 +58,11 @@ def run(params: Params) -> None:
     accuracy_by_type(metrics["rows"], paths.PLOTS_DIR / "accuracy_by_type.png")
     atomic_write_text(
         paths.PLOTS_DIR / "accuracy.csv",
-        "row,accuracy,ci_low,ci_high\n" + "".join(f"{n},{r['accuracy']:.4f},{r['ci95'][0]:.4f},{r['ci95'][1]:.4f}\n" for n, r in metrics["rows"].items()),
+        "row,accuracy,ci_low,ci_high\n"
+        + "".join(f"{n},{r['accuracy']:.4f},{r['ci95'][0]:.4f},{r['ci95'][1]:.4f}\n" for n, r in metrics["rows"].items()),
     )
-    atomic_write_text(paths.ABLATION_MD, ablation_markdown(metrics, fusion_file["fusion"], f"Ablation ({params.preset} preset, test split)"))
+    atomic_write_text(
+        paths.ABLATION_MD, ablation_markdown(metrics, fusion_file["fusion"], f"Ablation ({params.preset} preset, test split)")
+    )
     atomic_write_json(paths.METRICS_JSON, metrics)
     print(f"evaluate: {len(rows)} rows in {time.time() - started:.0f} s", flush=True)

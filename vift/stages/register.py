@@ -6,8 +6,9 @@ from vift.config.schema import Params
 
 
 def run(params: Params) -> None:
+    from vift.paths import REGISTRATION_JSON
     from vift.registry.gate import register_run
-    from vift.registry.tracking import REGISTRATION_FILE, stage_run
+    from vift.registry.tracking import stage_run
 
     # `vift stage register` already runs inside the workspace's MLflow run; called directly
     # (library use), this opens it. Registration needs tracking, so it is never skipped here.
@@ -20,5 +21,5 @@ def run(params: Params) -> None:
     aliases = ", ".join(f"{alias} -> v{version}" for alias, version in report["aliases"].items() if version)
     print(
         f"register: {report['model_name']} version {report['version']} ({report['action']}); "
-        f"{report['gate']['reason']}; aliases: {aliases}; see {REGISTRATION_FILE}"
+        f"{report['gate']['reason']}; aliases: {aliases}; see {REGISTRATION_JSON}"
     )

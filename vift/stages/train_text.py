@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from vift.config.schema import Params
-from vift.train.stage import TEXT_STAGE, run_stage
+from vift.train.stage import TEXT_STAGE, train_stage
 
 
 def run(params: Params) -> None:
-    run_stage(TEXT_STAGE, params)
+    train_stage(TEXT_STAGE, params)

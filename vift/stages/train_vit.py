@@ -12,7 +12,7 @@ from vift import paths
 from vift.config.schema import Params
 from vift.io import atomic_directory, atomic_write_json
 from vift.train.report import write_stage_report
-from vift.train.stage import VIT_STAGE, run_stage
+from vift.train.stage import VIT_STAGE, train_stage
 
 SKIPPED_FILE = "SKIPPED.json"
 
@@ -20,7 +20,7 @@ SKIPPED_FILE = "SKIPPED.json"
 def run(params: Params) -> None:
     manifest = paths.manifest("visual_instructions")
     if manifest.exists():
-        run_stage(VIT_STAGE, params)
+        train_stage(VIT_STAGE, params)
         return
     reason = f"{manifest} does not exist: no visual instructions, so no baseline (the vit_baseline row is left out)"
     with atomic_directory(paths.VIT_MODEL) as out:

@@ -153,9 +153,7 @@ def make_client(remote: Remote, session=None):
         kwargs["signature_version"] = UNSIGNED
     region = remote.region or session.region_name or "us-east-1"
     verify = as_bool(remote.options.get("ssl_verify"))
-    return session.client(
-        "s3", endpoint_url=remote.endpoint, region_name=region, config=Config(**kwargs), verify=verify
-    )
+    return session.client("s3", endpoint_url=remote.endpoint, region_name=region, config=Config(**kwargs), verify=verify)
 
 
 def _code(error) -> str:
@@ -193,7 +191,8 @@ def explain_client_error(error, remote: Remote, action: str, client=None) -> Use
     if code in ("403", "AccessDenied", "AllAccessDisabled", "AccountProblem"):
         return UserError(
             f"access denied: the credentials (from {credential_source(remote) or 'the AWS credential chain'}) are "
-            f"valid but may not {action} in {where}" + (f" under prefix {remote.prefix!r}" if remote.prefix else "")
+            f"valid but may not {action} in {where}"
+            + (f" under prefix {remote.prefix!r}" if remote.prefix else "")
             + ". Ask for s3:ListBucket, s3:GetObject, s3:PutObject (and s3:DeleteObject) on it."
         )
     if code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):

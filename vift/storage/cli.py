@@ -17,6 +17,7 @@ def _remote_for(args: argparse.Namespace) -> str | None:
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
+    from vift.storage.check import create_bucket
     from vift.storage.remote import configure_s3_remote, resolve_remote_name
 
     result = configure_s3_remote(
@@ -27,7 +28,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
         region=args.region,
         make_default=args.default,
         local_credentials=args.local_credentials,
-        create_bucket=args.create_bucket,
+        create_bucket=create_bucket if args.create_bucket else None,
     )
     remote = result.remote
     if result.created_bucket is not None:
@@ -63,8 +64,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     remote = get_remote(_remote_for(args))
     report = check_remote(remote, write_probe=not args.no_write_probe)
     if args.json:
-        print(json.dumps({"remote": remote.name, "url": remote.url, "endpoint": remote.endpoint,
-                          "credentials": report.credentials, "steps": report.steps, "warnings": report.warnings}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "remote": remote.name,
+                    "url": remote.url,
+                    "endpoint": remote.endpoint,
+                    "credentials": report.credentials,
+                    "steps": report.steps,
+                    "warnings": report.warnings,
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"{remote.describe()}: OK")
     for step in report.steps:
@@ -96,8 +108,15 @@ def cmd_remotes(args: argparse.Namespace) -> int:
 
     rows = []
     for remote in list_remotes():
-        rows.append({"name": remote.name, "url": remote.url, "endpoint": remote.endpoint, "default": remote.is_default,
-                     "credentials": credential_source(remote) if remote.is_s3 else None})
+        rows.append(
+            {
+                "name": remote.name,
+                "url": remote.url,
+                "endpoint": remote.endpoint,
+                "default": remote.is_default,
+                "credentials": credential_source(remote) if remote.is_s3 else None,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -142,9 +161,7 @@ def add_commands(sub, add_params_option) -> None:
     configure.set_defaults(func=cmd_configure)
 
     def remote_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--remote", "-r", help="remote name (default: storage.remote in the params file, else DVC's default remote)"
-        )
+        p.add_argument("--remote", "-r", help="remote name (default: storage.remote in the params file, else DVC's default remote)")
         add_params_option(p)
 
     check = storage_sub.add_parser(

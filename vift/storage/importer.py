@@ -4,7 +4,7 @@ What it does, in order (nothing is written unless every step before it passed):
 
 1. finds ``<split>.jsonl`` manifests in ``DIR`` (JSON lines or one JSON array; split names as in
    :data:`vift.data.generate.SPLITS`) and validates every record and image with the same loaders
-   and the same :func:`vift.stages.data.validate_splits` the ``data`` stage uses: problems are
+   and the same :func:`vift.data.contract.validate_splits` the ``data`` stage uses: problems are
    ``file:line: problem``, exit code 2;
 2. copies the manifests and the images their records name (nothing else; contents, not links;
    a link that resolves outside ``DIR`` is refused) to ``data/imported/<content digest>/``: the
@@ -64,7 +64,7 @@ def tree_digest(root: Path) -> str:
 
 
 def _validate(source: Path, bad_records: str) -> tuple[dict[str, int], int]:
-    from vift.stages.data import refuse_empty_splits, validate_splits
+    from vift.data.contract import refuse_empty_splits, validate_splits
 
     checked = validate_splits(source, "skip")  # collect every problem, then decide
     problems = [p for split in checked.values() for p in split["problems"]]
@@ -96,8 +96,8 @@ def _remove_orphans() -> None:
 def import_dataset(source: str | Path, params_file: str | Path, bad_records: str = "fail") -> ImportResult:
     """Validate ``source``, copy what its manifests reference under ``data/imported/<digest>``, point the parameters at it."""
     from vift.config import apply_overrides, load_params, write_params
+    from vift.data.contract import check_contract, check_references, copy_references
     from vift.data.generate import SPLITS
-    from vift.stages.data import check_contract, check_references, copy_references
 
     source = Path(source)
     if not source.is_dir():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,7 @@ def _config(validate: bool = False):
         dvc_dir = Repo.find_dvc_dir()
     except NotDvcRepoError:
         raise UserError(
-            f"{Path.cwd()}: not inside a DVC repository; run vift from the repository root "
-            "(or `git init && dvc init` a new one)"
+            f"{Path.cwd()}: not inside a DVC repository; run vift from the repository root (or `git init && dvc init` a new one)"
         ) from None
     return Config(dvc_dir=dvc_dir, validate=validate)
 
@@ -216,9 +216,7 @@ def validate_prefix(prefix: str | None) -> str:
     prefix = (prefix or "").strip("/")
     segments = prefix.split("/") if prefix else []
     if not PREFIX_PATTERN.match(prefix) or any(part in ("", ".", "..") for part in segments):
-        raise UserError(
-            f"--prefix {prefix!r}: use letters, digits and - _ . / (no empty, '.' or '..' segments)", exit_code=2
-        )
+        raise UserError(f"--prefix {prefix!r}: use letters, digits and - _ . / (no empty, '.' or '..' segments)", exit_code=2)
     return prefix
 
 
@@ -246,9 +244,13 @@ def configure_s3_remote(
     region: str | None = None,
     make_default: bool = False,
     local_credentials: bool = False,
-    create_bucket: bool = False,
+    create_bucket: Callable[[Remote], bool] | None = None,
 ) -> ConfigureResult:
-    """Add or update the S3 remote ``name`` in ``.dvc/config``; credentials only in ``.dvc/config.local``."""
+    """Add or update the S3 remote ``name`` in ``.dvc/config``; credentials only in ``.dvc/config.local``.
+
+    ``create_bucket`` (e.g. :func:`vift.storage.check.create_bucket`, passed by the command that
+    asks for it) makes the bucket first and says whether it was new.
+    """
     name = validate_name(name)
     bucket = validate_bucket(bucket)
     prefix = validate_prefix(prefix)
@@ -278,12 +280,10 @@ def configure_s3_remote(
         )
 
     created: bool | None = None
-    if create_bucket:
+    if create_bucket is not None:
         # Before anything is written: a failure here leaves the configuration untouched.
-        from vift.storage.check import create_bucket as _create_bucket
-
         options = {"endpointurl": endpoint, "region": region or (existing or {}).get("region")}
-        created = _create_bucket(Remote(name, url, {k: v for k, v in options.items() if v}))
+        created = create_bucket(Remote(name, url, {k: v for k, v in options.items() if v}))
 
     from dvc.config import ConfigError
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from vift.data.manifests import Manifest, caption_instruction, reference_of, resolve_image
+from vift.data.manifests import Manifest, caption_instruction, load_rgb, reference_of, resolve_image
 from vift.fusion.method import fused_generate
-from vift.train.collate import load_rgb
 
 
 def caption_phrases(caption: str) -> set[str]:
@@ -64,9 +63,7 @@ def caption_quality(
     was_training = model.training
     model.eval()
     try:
-        generated = fused_generate(
-            model, processor, images, [prompt] * len(items), None, batch_size=batch_size, max_new_tokens=longest + 4
-        )
+        generated = fused_generate(model, processor, images, [prompt] * len(items), None, batch_size=batch_size, max_new_tokens=longest + 4)
     finally:
         model.train(was_training)
     result = score_captions(generated, references)

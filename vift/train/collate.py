@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vift.data.manifests import IMAGE_TOKEN, ConversationRecord
+from vift.data.manifests import IMAGE_TOKEN, ConversationRecord, load_rgb
 from vift.errors import UserError
 
 IGNORE_INDEX = -100
@@ -45,20 +45,13 @@ def prompt_pieces(processor, messages: list[dict[str, Any]]) -> list[tuple[str, 
         full = processor.apply_chat_template(messages[: index + 1], tokenize=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise UserError("the model's chat template is not prefix-consistent; assistant-only labels need it")
-        pieces.append((prompt[len(done):], False))
-        pieces.append((full[len(prompt):], True))
+        pieces.append((prompt[len(done) :], False))
+        pieces.append((full[len(prompt) :], True))
         done = full
     return pieces
 
 
-def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def encode_conversation(
-    processor, record: ConversationRecord, image: Image.Image | None, max_length: int
-) -> dict[str, torch.Tensor]:
+def encode_conversation(processor, record: ConversationRecord, image: Image.Image | None, max_length: int) -> dict[str, torch.Tensor]:
     """``input_ids`` and ``labels`` (both of shape (tokens,)), plus ``pixel_values`` of shape
     (channels, height, width) for an image sample.
 

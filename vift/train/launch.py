@@ -23,9 +23,7 @@ from typing import Any
 
 from vift.config.schema import Params, StageTrainParams
 from vift.errors import UserError
-
-# Stage name -> attribute of ``params.train``.
-TRAINING_STAGES: dict[str, str] = {"train_caption": "caption", "train_text": "text", "train_vit": "vit"}
+from vift.paths import TRAINING_STAGES
 
 # Set by every accelerate launcher (simple, multi-GPU/torchrun, DeepSpeed) in the children it
 # starts; used to tell "I am the re-launched worker" from "I am the user's shell".
@@ -74,9 +72,7 @@ def should_relaunch(plan: LaunchPlan, environ: Mapping[str, str] | None = None) 
 
 def _stage_params(params: Params, stage: str) -> tuple[str, StageTrainParams]:
     if stage not in TRAINING_STAGES:
-        raise UserError(
-            f"{stage!r} is not a training stage; training stages: {', '.join(TRAINING_STAGES)}", exit_code=2
-        )
+        raise UserError(f"{stage!r} is not a training stage; training stages: {', '.join(TRAINING_STAGES)}", exit_code=2)
     part = TRAINING_STAGES[stage]
     return f"train.{part}", getattr(params.train, part)
 
@@ -259,9 +255,7 @@ def plan_launch(
         mixed_precision = "bf16" if train.bf16 == "true" else "no"  # "auto": the trainer decides
         command += ["--multi_gpu", "--num_processes", str(train.num_processes), "--num_machines", "1"]
         command += ["--mixed_precision", mixed_precision]
-        effective.update(
-            accelerate_config=None, distributed_type="MULTI_GPU", num_machines=1, mixed_precision=mixed_precision
-        )
+        effective.update(accelerate_config=None, distributed_type="MULTI_GPU", num_machines=1, mixed_precision=mixed_precision)
     else:
         # Several CPU processes talking gloo. `accelerate launch --cpu` would start ONE process (its
         # simple launcher ignores --num_processes without mpirun); the torchrun-based launcher behind

@@ -35,8 +35,7 @@ def part_of(name: str) -> str:
         if any(f".{fragment}" in dotted for fragment in fragments):
             return part
     raise UserError(
-        f"parameter {name!r} belongs to no known part ({', '.join(PARTS)}); this model family's "
-        "names need a pattern in vift/train/parts.py"
+        f"parameter {name!r} belongs to no known part ({', '.join(PARTS)}); this model family's names need a pattern in vift/train/parts.py"
     )
 
 
@@ -63,9 +62,7 @@ def part_learning_rates(params: StageTrainParams) -> dict[str, float]:
     }
 
 
-def optimizer_groups(
-    model: torch.nn.Module, params: StageTrainParams, decay_names: set[str]
-) -> list[dict]:
+def optimizer_groups(model: torch.nn.Module, params: StageTrainParams, decay_names: set[str]) -> list[dict]:
     """Optimizer parameter groups: one per (part, with or without weight decay) that has parameters.
 
     ``decay_names`` are the parameters that take weight decay (the Trainer's choice: not biases,

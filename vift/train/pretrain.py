@@ -19,9 +19,7 @@ from vift.data.manifests import ConversationRecord
 from vift.train.collate import ConversationDataset, PaddingCollator
 
 
-def pretrain_language_model(
-    model, processor, records: list[ConversationRecord], params: PretrainParams, seed: int
-) -> list[dict]:
+def pretrain_language_model(model, processor, records: list[ConversationRecord], params: PretrainParams, seed: int) -> list[dict]:
     """Train ``model.language_model`` (+ LM head) in place; return the Trainer's log history."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad = "language_model" in name or name.startswith("lm_head")

@@ -26,7 +26,6 @@ the command).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -41,18 +40,18 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from vift import paths
 from vift.config.schema import Params, StageTrainParams
-from vift.data.manifests import Manifest
 from vift.errors import UserError
-from vift.io import atomic_directory, atomic_write_json
+from vift.io import atomic_directory
 from vift.model.loading import check_checkpoint, load_model, load_processor
 from vift.train.caption_check import caption_quality
-from vift.train.collate import ConversationDataset, PaddingCollator
+from vift.train.checkpoints import CHECKPOINTS_DIR, checkpoint_state, files_signature, prepare_checkpoints
+from vift.train.collate import PaddingCollator
+from vift.train.mixture import build_mixture, count_records, resolve_steps
 from vift.train.parts import apply_lora, part_learning_rates, set_trainable
 from vift.train.report import write_stage_report
 from vift.train.sampler import GroupedBatchSampler, Mixture, epoch_samples
 from vift.train.trainer import LogFinalStepCallback, StageProgressCallback, StageTrainer, final_loss
 
-CHECKPOINTS_DIR = Path(".vift") / "checkpoints"
 LAUNCH_DIR = Path(".vift") / "launch"
 CAPTIONS = "captions"
 HELDOUT = "calibration"  # held-out scenes captioned after each stage to measure perception
@@ -84,47 +83,6 @@ def stage_shares(spec: StageSpec, stage_params: StageTrainParams) -> dict[str, f
 def world_size() -> int:
     """Processes in this run: set by ``accelerate launch`` / ``torchrun``, else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def resolve_steps(stage_params: StageTrainParams, samples_per_epoch: int, processes: int) -> int:
-    """Optimizer steps: ``max_steps`` if set, else ``num_train_epochs`` over the mixture."""
-    if stage_params.max_steps > 0:
-        return stage_params.max_steps
-    global_batch = stage_params.per_device_train_batch_size * processes * stage_params.gradient_accumulation_steps
-    return max(1, math.ceil(stage_params.num_train_epochs * samples_per_epoch / global_batch))
-
-
-def fraction_size(records: int, fraction: float) -> int:
-    """Records kept of ``records`` at ``train.data_fraction``: ceil(fraction * n), at least one.
-
-    Rounded before the ceiling so that 0.1 * 120 keeps 12 records, not 13 (binary fractions).
-    """
-    if records == 0:
-        return 0
-    return max(1, min(records, math.ceil(round(fraction * records, 9))))
-
-
-def load_records(split: str, policy: str, fraction: float = 1.0) -> list:
-    """The split's usable records; the first ``fraction`` of them (nested: 25 % is a subset of 50 %)."""
-    path = paths.manifest(split)
-    if not path.is_file():
-        raise UserError(f"{path}: manifest not found; run `vift stage data` first")
-    records = list(Manifest(path, "conversation", paths.DATA_DIR, policy=policy))
-    return records[: fraction_size(len(records), fraction)]
-
-
-def build_mixture(processor, shares: dict[str, float], max_length: int, policy: str, fraction: float = 1.0) -> Mixture:
-    datasets = {
-        split: ConversationDataset(load_records(split, policy, fraction), processor, paths.DATA_DIR, max_length)
-        for split, share in shares.items()
-        if share > 0
-    }
-    return Mixture(datasets, shares)
-
-
-def count_records(split: str, policy: str, fraction: float = 1.0) -> int:
-    usable = sum(1 for _ in Manifest(paths.manifest(split), "conversation", paths.DATA_DIR, policy=policy))
-    return fraction_size(usable, fraction)
 
 
 def stage_steps(spec: StageSpec, params: Params, mixture: Mixture, processes: int) -> int:
@@ -185,53 +143,6 @@ def training_arguments(stage_params: StageTrainParams, steps: int, processes: in
     )
 
 
-# ---- checkpoints -------------------------------------------------------------------------------
-
-
-def files_signature(path: Path) -> dict[str, list[int]]:
-    """``{relative path: [size, mtime_ns]}`` of the files under ``path`` (or of ``path`` itself)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(f.relative_to(path) if f != path else f.name): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-
-
-def is_complete_checkpoint(directory: Path) -> bool:
-    """The Trainer writes ``trainer_state.json`` last, so a checkpoint with a valid one is whole."""
-    try:
-        state = json.loads((directory / "trainer_state.json").read_text())
-        return state.get("global_step") == int(directory.name.rpartition("-")[2])
-    except (OSError, ValueError):
-        return False
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    complete = [c for c in directory.glob("checkpoint-*") if c.is_dir() and is_complete_checkpoint(c)]
-    return max(complete, key=lambda c: int(c.name.rpartition("-")[2]), default=None)
-
-
-def prepare_checkpoints(directory: Path, fingerprint: dict, is_main: bool) -> Path | None:
-    """Keep the checkpoints of this very run (and only whole ones); return the one to resume from."""
-    marker = directory / "run.json"
-    if is_main:
-        try:
-            same_run = json.loads(marker.read_text()) == fingerprint
-        except (OSError, ValueError):
-            same_run = False
-        if not same_run:
-            shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
-        for checkpoint in directory.glob("checkpoint-*"):
-            if not is_complete_checkpoint(checkpoint):
-                shutil.rmtree(checkpoint, ignore_errors=True)
-        atomic_write_json(marker, fingerprint)
-    return latest_checkpoint(directory)
-
-
-def checkpoint_state(checkpoint: Path | None) -> dict:
-    if checkpoint is None:
-        return {"global_step": 0, "num_input_tokens_seen": 0}
-    return json.loads((checkpoint / "trainer_state.json").read_text())
-
-
 # ---- outputs -----------------------------------------------------------------------------------
 
 
@@ -285,7 +196,7 @@ def check_stage(spec: StageSpec, stage_params: StageTrainParams) -> None:
     check_checkpoint(spec.input_model)
 
 
-def run_stage(spec: StageSpec, params: Params, callbacks: list[TrainerCallback] | None = None) -> dict | None:
+def train_stage(spec: StageSpec, params: Params, callbacks: list[TrainerCallback] | None = None) -> dict | None:
     """Train one stage; return its summary on rank 0 (None on other ranks and in a launching parent)."""
     stage_params: StageTrainParams = getattr(params.train, spec.section)
     if relaunch(spec, params):
@@ -350,8 +261,13 @@ def run_stage(spec: StageSpec, params: Params, callbacks: list[TrainerCallback] 
             final.save_pretrained(out)
             processor.save_pretrained(out)
         quality = caption_quality(
-            final, processor, paths.manifest(HELDOUT), paths.manifest(CAPTIONS), paths.DATA_DIR,
-            params.train.caption_check, params.eval.batch_size,
+            final,
+            processor,
+            paths.manifest(HELDOUT),
+            paths.manifest(CAPTIONS),
+            paths.DATA_DIR,
+            params.train.caption_check,
+            params.train.check_batch_size,
         )
         summary = stage_summary(spec, stage_params, trainer, sampler, trainable, digests)
         summary["data_fraction"] = params.train.data_fraction

@@ -68,15 +68,25 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from vift.config import load_preset
-    from vift.data import Manifest, generate_shapetally, training_corpus
+    from vift.data.generate import generate_shapetally, training_corpus
+    from vift.data.manifests import Manifest
     from vift.eval.runner import load_images
     from vift.fusion.families import adapter_for
     from vift.fusion.method import FusionSpec, fused_generate
-    from vift.model import build_tiny_lvlm
     from vift.model.loading import decoder_layers
+    from vift.model.tiny import build_tiny_lvlm
 
     params = load_preset(args.preset)
-    data = params.data.model_copy(update={"backbone_text": 200, "captions": 50, "text_instructions": 50, "visual_instructions": 10, "calibration": 0, "test": args.batch_size})
+    data = params.data.model_copy(
+        update={
+            "backbone_text": 200,
+            "captions": 50,
+            "text_instructions": 50,
+            "visual_instructions": 10,
+            "calibration": 0,
+            "test": args.batch_size,
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="vift-bench-") as scratch:
         root = Path(scratch) / "data"
         generate_shapetally(data, root)

@@ -85,10 +85,7 @@ def collect_point(workspace: Path, fraction: float) -> dict:
     missing = [row for row in (*PLOTTED_ROWS, *FLAT_ROWS) if row not in metrics.get("rows", {})]
     if missing:
         raise UserError(f"{metrics_path}: rows {missing} missing; rerun the evaluate stage")
-    rows = {
-        row: {key: metrics["rows"][row][key] for key in ("accuracy", "ci95", "n")}
-        for row in (*PLOTTED_ROWS, *FLAT_ROWS)
-    }
+    rows = {row: {key: metrics["rows"][row][key] for key in ("accuracy", "ci95", "n")} for row in (*PLOTTED_ROWS, *FLAT_ROWS)}
     return {
         "fraction": fraction,
         "workspace": str(workspace),

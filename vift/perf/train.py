@@ -72,14 +72,13 @@ def _steady_rate(rounds: list[list[float]], batches: list[tuple[int, int, int]],
 
 def _build(root: Path, records: int, max_length: int):
     from vift.config.schema import DataParams, TinyModelParams
-    from vift.data import Manifest, generate_shapetally, training_corpus
-    from vift.model import build_tiny_lvlm
+    from vift.data.generate import generate_shapetally, training_corpus
+    from vift.data.manifests import Manifest
+    from vift.model.tiny import build_tiny_lvlm
     from vift.train.collate import ConversationDataset
     from vift.train.sampler import Mixture
 
-    data = DataParams(
-        backbone_text=records, captions=records, text_instructions=records, visual_instructions=0, calibration=0, test=0
-    )
+    data = DataParams(backbone_text=records, captions=records, text_instructions=records, visual_instructions=0, calibration=0, test=0)
     generate_shapetally(data, root)
 
     model, processor = build_tiny_lvlm(TinyModelParams(), data.image_size, training_corpus(root), seed=0)
@@ -87,7 +86,9 @@ def _build(root: Path, records: int, max_length: int):
     def dataset(split):
         return ConversationDataset(list(Manifest(root / f"{split}.jsonl", "conversation", root)), processor, root, max_length)
 
-    mixture = Mixture({"captions": dataset("captions"), "text_instructions": dataset("text_instructions")}, {"captions": 0.5, "text_instructions": 0.5})
+    mixture = Mixture(
+        {"captions": dataset("captions"), "text_instructions": dataset("text_instructions")}, {"captions": 0.5, "text_instructions": 0.5}
+    )
     return model, processor, mixture
 
 
@@ -118,8 +119,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--warmup and --steps must be at least 1")
     steps = args.warmup + args.steps
     stage = StageTrainParams(
-        trainable=["projector", "language_model"], learning_rate=3e-4, max_steps=steps,
-        per_device_train_batch_size=args.batch_size, max_length=args.max_length, save_steps=steps, logging_steps=10,
+        trainable=["projector", "language_model"],
+        learning_rate=3e-4,
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
+        save_steps=steps,
+        logging_steps=10,
     )
     with tempfile.TemporaryDirectory(prefix="vift-bench-train-") as scratch:
         started = time.perf_counter()
@@ -141,7 +147,9 @@ def run(args: argparse.Namespace) -> dict:
         def padded_loader():
             # The baseline: uniformly shuffled (modality-mixed) batches, every one padded to max_length.
             order = torch.utils.data.RandomSampler(mixture, num_samples=steps * args.batch_size, generator=torch.Generator().manual_seed(0))
-            return torch.utils.data.DataLoader(mixture, batch_size=args.batch_size, sampler=order, collate_fn=PaddingCollator(pad, pad_to=args.max_length))
+            return torch.utils.data.DataLoader(
+                mixture, batch_size=args.batch_size, sampler=order, collate_fn=PaddingCollator(pad, pad_to=args.max_length)
+            )
 
         def loop(loader):
             copied = copy.deepcopy(model)
@@ -151,8 +159,14 @@ def run(args: argparse.Namespace) -> dict:
         def trainer_run():
             clock = StepClock()
             trainer = StageTrainer(
-                model=copy.deepcopy(model), args=train_args, train_dataset=mixture, data_collator=PaddingCollator(pad),
-                processing_class=processor, callbacks=[clock], stage_name="bench", stage_params=stage,
+                model=copy.deepcopy(model),
+                args=train_args,
+                train_dataset=mixture,
+                data_collator=PaddingCollator(pad),
+                processing_class=processor,
+                callbacks=[clock],
+                stage_name="bench",
+                stage_params=stage,
                 batch_sampler=grouped_sampler(),
             )
             trainer.remove_callback(ProgressCallback)

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -184,7 +183,7 @@ class Judge:
                 retry_after = error.headers.get("Retry-After") if error.headers else None
                 if retry_after and retry_after.strip().isdigit():
                     delay = min(config.max_backoff, max(delay, float(retry_after)))
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, OSError) as error:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
                 reason = getattr(error, "reason", error)
                 last = self._scrub(f"{type(reason).__name__}: {reason}")
             log.debug("judge request %d/%d to %s failed: %s", attempt + 1, attempts, config.url, last)

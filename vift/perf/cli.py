@@ -11,8 +11,8 @@ import importlib
 import json
 
 BENCHMARKS = {
-    "train": "vift.train.bench",
-    "fusion": "vift.fusion.bench",
+    "train": "vift.perf.train",
+    "fusion": "vift.perf.fusion",
 }
 
 
