@@ -352,6 +352,41 @@ def test_reruns_are_noops_and_a_param_change_reruns_only_its_dependents(workspac
     assert changed_stages(repo) == reading == {"data", "register"}
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_an_experiment_on_an_evaluation_parameter_retrains_nothing_and_its_tables_fit_a_terminal(workspace):
+    """What a DVC user does after `make demo` (dvc.lock written but not committed): `dvc exp run
+    --temp -S` an evaluation parameter. Only evaluation and what depends on it run; the training
+    stages come from DVC's run cache; the experiment's MLflow run carries its name."""
+    import mlflow
+
+    repo = workspace
+    ok(run(["git", "rm", "-q", "--cached", "dvc.lock"], repo))
+    ok(run(["git", "commit", "-q", "-m", "as after make demo: dvc.lock untracked"], repo))
+    out = ok(dvc(repo, "exp", "run", "--temp", "-S", f"{PARAMS}:eval.batch_size=4"))
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    affected = stages_affected_by(STAGES, "eval.batch_size")
+    assert "evaluate" in ran and ran <= affected == {"evaluate", "register"}, out
+    for name in set(STAGES) - affected:  # every training stage, restored rather than rerun
+        assert f"Stage '{name}' is cached" in out or f"Stage '{name}' didn't change" in out, out
+    name = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")  # the repository's, not the temp copy's
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`dvc.exp_name` = '{name}'")
+    assert [r.info.run_name for r in runs] == [name]
+
+    # Readable tables: the DVC metric is a few headline numbers, and the experiments table shows
+    # what varies (the stages really read ~150 parameters and ~50 code files: docs/STORAGE.md).
+    ok(run(["git", "add", "dvc.lock"], repo))
+    ok(run(["git", "commit", "-q", "-m", "lock"], repo))
+    ok(dvc(repo, "exp", "run", "--temp", "-S", f"{PARAMS}:eval.batch_size=8"))
+    metrics = ok(dvc(repo, "metrics", "show"))
+    assert max(len(line) for line in metrics.splitlines()) <= 120, metrics
+    assert "served.acc" in metrics and "fusion_wins" in metrics
+    header = ok(dvc(repo, "exp", "show", "--csv", "--only-changed")).splitlines()[0].split(",")
+    assert "eval.batch_size" in header and len(header) <= 60, header
+
+
 def locked_outputs(repo: Path) -> dict[str, dict[str, str]]:
     """Per stage, each output's hash as dvc.lock records it."""
     stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]

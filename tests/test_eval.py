@@ -126,3 +126,26 @@ def test_gold_answer_log_likelihood_equals_a_teacher_forced_forward_pass(tiny_lv
         expected += float(log_probs.gather(1, torch.tensor(gold)[:, None]).sum())
     assert math.isfinite(measured) and measured < 0
     assert measured == pytest.approx(expected / len(records), rel=1e-4)
+
+
+def test_the_headline_metric_is_a_few_numbers_of_the_served_row_and_the_verdict():
+    from vift.eval.report import headline
+
+    metrics = {
+        "rows": {
+            "vift_fused": {"accuracy": 0.41234, "ci95": [0.38, 0.44]},
+            "question_only": {"accuracy": 0.444, "ci95": [0.41, 0.47]},
+            "describe_then_answer": {"accuracy": 0.572, "ci95": [0.541, 0.602]},
+        },
+        "verdict": {"fusion_beats_controls": False},
+        "perception": {"vift": {"accuracy": 0.045}},
+    }
+    assert headline(metrics, "describe_then_answer") == {
+        "served": {"acc": 0.572, "lo": 0.541, "hi": 0.602},
+        "fused": 0.4123,
+        "q_only": 0.444,
+        "fusion_wins": False,
+        "perceive": 0.045,
+    }
+    del metrics["perception"]
+    assert "perceive" not in headline(metrics, "vift_fused") and headline(metrics, "vift_fused")["served"]["acc"] == 0.4123

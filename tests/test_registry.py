@@ -634,3 +634,21 @@ def test_the_input_example_is_the_first_test_item_with_an_image_in_either_manife
     (data / "test.jsonl").write_text(json.dumps(records))
     assert _example(tmp_path) == (data / records[1]["image"], records[1]["question"])
     assert _example(tmp_path / "empty") == (None, "How many shapes are there?")
+
+
+def test_inside_a_dvc_experiment_tracking_goes_to_the_repositorys_database_not_the_temporary_copy(tmp_path, monkeypatch):
+    from vift.registry.tracking import embedded_artifact_root
+    from vift.settings import dvc_experiment, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmp1"
+    assert dvc_experiment() == {} and tracking_uri(copy) == f"sqlite:///{copy / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-oval")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert dvc_experiment() == {"name": "bushy-oval", "baseline_rev": "abc123", "root": str(tmp_path / "repo")}
+    uri = tracking_uri(copy)
+    assert uri == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert embedded_artifact_root(uri) == (tmp_path / "repo" / "mlruns").as_uri()
+    assert embedded_artifact_root("http://mlflow:5000") is None

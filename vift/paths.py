@@ -21,6 +21,7 @@ PLOTS_DIR = REPORTS_DIR / "plots"
 BASE_REPORT = REPORTS_DIR / "base.json"
 FUSION_JSON = MODELS_DIR / "fusion.json"
 METRICS_JSON = REPORTS_DIR / "metrics.json"
+HEADLINE_JSON = REPORTS_DIR / "headline.json"  # the DVC metric: a few numbers per experiment
 ABLATION_MD = REPORTS_DIR / "ablation.md"
 PREDICTIONS_DIR = REPORTS_DIR / "predictions"
 REGISTRATION_JSON = REPORTS_DIR / "registration.json"

@@ -8,9 +8,22 @@ from pathlib import Path
 from vift import paths
 
 
+def dvc_experiment() -> dict[str, str]:
+    """The DVC experiment this process runs in (``dvc exp run`` sets these variables), else ``{}``."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name:
+        return {}
+    return {"name": name, "baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""), "root": os.environ.get("DVC_ROOT", "")}
+
+
 def tracking_uri(workspace: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI``, else the embedded sqlite database in ``workspace`` (default: here)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(workspace or '.') / paths.MLFLOW_DB).resolve()}"
+    """``MLFLOW_TRACKING_URI``, else the embedded sqlite database in ``workspace`` (default: here).
+
+    Inside a DVC experiment the embedded database is the repository's own (``DVC_ROOT``), not the
+    temporary copy's that ``dvc exp run --temp`` / ``--queue`` runs in and then deletes.
+    """
+    root = dvc_experiment().get("root") or workspace or "."
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / paths.MLFLOW_DB).resolve()}"
 
 
 def dvc_remote() -> dict[str, str | None]:

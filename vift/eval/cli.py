@@ -24,32 +24,13 @@ def _params(path: str):
 
 def load_fusion(path: str | Path):
     """A FusionSpec from a fusion file (``{"fusion": {...}}`` as the calibrate stage writes it, or the
-    bare spec), validated like the ``fusion`` parameters."""
-    from pydantic import ValidationError
-
-    from vift.config.schema import FusionParams
-    from vift.fusion.method import FusionSpec
+    bare spec), validated like the ``fusion`` parameters (:class:`vift.fusion.modes.FusionFile`)."""
+    from vift.fusion.modes import FusionFile
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--fusion {path}: no such file (the calibrate stage writes models/fusion.json)")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}:{error.lineno}: malformed JSON: {error.msg}", exit_code=2) from None
-    spec = content.get("fusion", content) if isinstance(content, dict) else None
-    if not isinstance(spec, dict):
-        raise UserError(f"{path}: expected a JSON object with a 'fusion' object", exit_code=2)
-    fields = set(FusionSpec.__dataclass_fields__)
-    unknown = sorted(set(spec) - fields)
-    if unknown:
-        raise UserError(f"{path}: unknown fusion field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}", exit_code=2)
-    try:
-        FusionParams.model_validate(spec)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'fusion'}: {e['msg']}" for e in error.errors())
-        raise UserError(f"{path}: invalid fusion: {problems}", exit_code=2) from None
-    return FusionSpec.from_dict(spec)
+    return FusionFile.read(path).spec
 
 
 def _load_registered(reference: str):

@@ -17,6 +17,26 @@ PAPER_RESULTS = {
 }
 
 
+def headline(metrics: dict, served_row: str | None) -> dict:
+    """reports/headline.json, the DVC metric: the few numbers a person compares across experiments,
+    narrow enough for `dvc metrics show` and `dvc exp show` in a 120-column terminal. The full
+    statistics (every row, interval, paired comparison) stay in reports/metrics.json."""
+    rows = metrics["rows"]
+    out: dict = {}
+    if served_row in rows:
+        accuracy, (low, high) = rows[served_row]["accuracy"], rows[served_row]["ci95"]
+        out["served"] = {"acc": round(accuracy, 4), "lo": round(low, 4), "hi": round(high, 4)}
+    out["fused"] = round(rows["vift_fused"]["accuracy"], 4)
+    if "question_only" in rows:
+        out["q_only"] = round(rows["question_only"]["accuracy"], 4)
+    if "vit_baseline" in rows:
+        out["vit"] = round(rows["vit_baseline"]["accuracy"], 4)
+    out["fusion_wins"] = bool(metrics["verdict"]["fusion_beats_controls"])
+    if "vift" in (metrics.get("perception") or {}):
+        out["perceive"] = round(metrics["perception"]["vift"]["accuracy"], 4)
+    return out
+
+
 def percent(value: float) -> str:
     return f"{100 * value:.1f}"
 

@@ -11,12 +11,14 @@ The calibrate stage measures all three on the calibration split and records the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vift.data.manifests import caption_instruction
 from vift.data.world import DESCRIBE_PROMPT, SCENE_PREFIX
+from vift.errors import UserError
 from vift.fusion.method import FusionSpec, fused_generate
 from vift.scoring.stats import SIGNIFICANCE, beyond_chance
 
@@ -43,6 +45,53 @@ class Prompts:
     def from_params(cls, prompts, captions_manifest: str | Path) -> Prompts:
         """``params.prompts`` resolved: a null describe instruction is the captions' own."""
         return cls(prompts.describe or caption_instruction(captions_manifest), prompts.over_description)
+
+
+@dataclass(frozen=True)
+class FusionFile:
+    """``models/fusion.json`` (or a bare spec object), read and validated in one place: the fusion to
+    apply, and the mode and prompts calibration chose to serve (defaults when not recorded)."""
+
+    spec: FusionSpec
+    mode: str = DEFAULT_MODE
+    prompts: Prompts = Prompts()
+
+    @classmethod
+    def read(cls, path: str | Path) -> FusionFile:
+        """Every problem is a UserError naming the file (and the line or field)."""
+        from pydantic import ValidationError
+
+        from vift.config.schema import FusionParams
+
+        path = Path(path)
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: not found; the calibrate stage writes models/fusion.json", exit_code=2) from None
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{error.lineno}: malformed JSON: {error.msg}", exit_code=2) from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"{path}: unreadable ({error})", exit_code=2) from None
+        spec = content.get("fusion", content) if isinstance(content, dict) else None
+        if not isinstance(spec, dict):
+            raise UserError(f"{path}: expected a JSON object with a 'fusion' object", exit_code=2)
+        fields = set(FusionSpec.__dataclass_fields__)
+        if unknown := sorted(set(spec) - fields):
+            raise UserError(f"{path}: unknown fusion field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}", exit_code=2)
+        try:
+            FusionParams.model_validate(spec)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'fusion'}: {e['msg']}" for e in error.errors())
+            raise UserError(f"{path}: invalid fusion: {problems}", exit_code=2) from None
+        serving = content.get("serving") if spec is not content else None
+        serving = serving if isinstance(serving, dict) else {}
+        mode = serving.get("mode") if serving.get("mode") in MODES else DEFAULT_MODE
+        prompts = serving.get("prompts")
+        try:
+            prompts = Prompts(**prompts) if isinstance(prompts, dict) else Prompts()
+        except TypeError as error:
+            raise UserError(f"{path}: serving.prompts: {error}", exit_code=2) from None
+        return cls(FusionSpec.from_dict(spec), mode, prompts)
 
 
 def describe_then_answer(

@@ -256,9 +256,9 @@ def register_run(params, handle: StageRun) -> dict:
     """Register ``handle``'s run (idempotent), apply the gate, write ``reports/registration.json``."""
     import mlflow
 
-    from vift.fusion.modes import MODE_ROWS
+    from vift.fusion.modes import MODE_ROWS, FusionFile
     from vift.model.loading import check_checkpoint
-    from vift.registry.pyfunc import log_pyfunc, read_fusion, read_serving
+    from vift.registry.pyfunc import log_pyfunc
 
     workspace = handle.workspace
     registry = params.registry
@@ -271,11 +271,8 @@ def register_run(params, handle: StageRun) -> dict:
         raise UserError(f"{paths.VIFT_MODEL}: {error}; run the train_text stage first") from None
     if not fusion_file.is_file():
         raise UserError(f"{FUSION_FILE}: not found; run the calibrate stage first (`dvc repro calibrate`)")
-    try:
-        fusion = read_fusion(fusion_file)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"{FUSION_FILE}: not a fusion file ({error}); re-run the calibrate stage") from None
-    served_mode = read_serving(fusion_file)[0]
+    read = FusionFile.read(fusion_file)
+    fusion, served_mode = read.spec, read.mode
     if gate_metric == SERVED:
         # Gate on what the model will serve: the row of the mode calibration chose. Versions are
         # compared on their "accuracy.served" tags, whatever mode each serves.

@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -172,29 +171,6 @@ def _as_frame(model_input) -> pd.DataFrame:
     return frame
 
 
-def read_serving(path: str | Path):
-    """(mode, Prompts) calibration recorded in fusion.json's ``serving``, else the defaults."""
-    from vift.fusion.modes import DEFAULT_MODE, MODES, Prompts
-
-    content = json.loads(Path(path).read_text())
-    serving = content.get("serving") if isinstance(content, Mapping) else None
-    serving = serving if isinstance(serving, Mapping) else {}
-    mode = serving.get("mode") if serving.get("mode") in MODES else DEFAULT_MODE
-    prompts = serving.get("prompts")
-    return mode, Prompts(**prompts) if isinstance(prompts, Mapping) else Prompts()
-
-
-def read_fusion(path: str | Path):
-    """The FusionSpec in ``fusion.json`` (the calibrate stage's file, or a bare spec dict)."""
-    from vift.fusion.method import FusionSpec
-
-    content = json.loads(Path(path).read_text())
-    spec = content.get("fusion", content) if isinstance(content, Mapping) else None
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"{path}: no 'fusion' object")
-    return FusionSpec.from_dict(spec)
-
-
 SETTINGS = ("dtype", "batch_size", "max_new_tokens", "device")  # the model_config keys ViftModel reads
 
 
@@ -223,8 +199,10 @@ class ViftModel(mlflow.pyfunc.PythonModel):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(device).eval()
         self.processor = load_processor(processor_dir, trust_remote_code=False)
-        self.fusion = read_fusion(context.artifacts[ARTIFACT_FUSION])
-        self.mode, self.prompts = read_serving(context.artifacts[ARTIFACT_FUSION])
+        from vift.fusion.modes import FusionFile
+
+        fusion_file = FusionFile.read(context.artifacts[ARTIFACT_FUSION])
+        self.fusion, self.mode, self.prompts = fusion_file.spec, fusion_file.mode, fusion_file.prompts
         self._lock = threading.Lock()  # fusion hooks live on the shared model: one generation at a time
 
     def predict(self, context, model_input: pd.DataFrame, params=None):

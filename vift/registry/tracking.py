@@ -67,6 +67,7 @@ from vift.registry.server import (
     using_tracking_uri,
     warn,
 )
+from vift.settings import dvc_experiment
 
 
 def _now() -> str:
@@ -238,7 +239,18 @@ def _get_run(client, run_id: str):
         raise
 
 
-def experiment_id_for(client, name: str) -> str:
+def embedded_artifact_root(uri: str) -> str | None:
+    """``mlruns/`` beside the embedded sqlite database; None for a server (it decides).
+
+    MLflow's default is ``./mlruns`` of the process that creates the experiment: inside ``dvc exp
+    run --temp`` that is a temporary copy, deleted with the artifacts after the experiment.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
+
+
+def experiment_id_for(client, name: str, artifact_location: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -251,7 +263,7 @@ def experiment_id_for(client, name: str) -> str:
             )
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException:
         experiment = client.get_experiment_by_name(name)  # created concurrently
         if experiment is None:
@@ -272,9 +284,13 @@ def open_run(stage: str, params, workspace: Path, uri: str) -> StageRun:
         if reason is None:
             run_id, experiment_id, new = state["run_id"], state["experiment_id"], False
         else:
-            experiment_id = experiment_id_for(client, experiment)
+            experiment_id = experiment_id_for(client, experiment, embedded_artifact_root(uri))
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            run = client.create_run(experiment_id, run_name=f"{params.preset}-{stamp}", tags={"vift.workspace": str(workspace)})
+            tags = {"vift.workspace": str(workspace)}
+            if exp := dvc_experiment():  # `dvc exp run`: the MLflow run is named after the experiment
+                tags.update({"dvc.exp_name": exp["name"], "dvc.exp_baseline_rev": exp["baseline_rev"]})
+            name = exp["name"] if exp else f"{params.preset}-{stamp}"
+            run = client.create_run(experiment_id, run_name=name, tags=tags)
             run_id, new = run.info.run_id, True
             state = {
                 "run_id": run_id,

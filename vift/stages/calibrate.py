@@ -37,6 +37,14 @@ def serving_mode(model, processor, records, images, fusion: FusionSpec, params: 
     return {**chosen, "prompts": prompts.to_dict()}  # the served model asks the same way
 
 
+def configuration_label(row: dict) -> str:
+    """One search row as a short readable label, the calibration plot's category axis."""
+    if row["a"] == 0 and row["b"] == 0 and row["mode"] == "additive":
+        return "no fusion"
+    weights = f"a={row['a']:g} b={row['b']:g}" if row["mode"] == "additive" else f"w_vis={row['w_vis']:g} w_text={row['w_text']:g}"
+    return f"{row['mode']} {weights} L{row['layer_start']}-{row['layer_end']} {row['positions']}"
+
+
 def start_spec(params: Params, num_layers: int) -> FusionSpec:
     """``params.fusion`` as a configuration of this model: the search's seed, or the fixed fusion."""
     spec = FusionSpec.from_dict(params.fusion.model_dump())
@@ -66,8 +74,9 @@ def run(params: Params) -> None:
     print(f"calibrate: serving mode {result['serving']['mode']} ({result['serving']['accuracy']})", flush=True)
     calibration_heatmap(result, paths.PLOTS_DIR / "calibration_heatmap.png")
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in result["search"] for k in row)))
+    rows = [{"configuration": configuration_label(row), **row} for row in result["search"]]
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
     writer.writeheader()
-    writer.writerows(result["search"])
+    writer.writerows(rows)
     atomic_write_text(paths.PLOTS_DIR / "calibration.csv", table.getvalue())
     atomic_write_json(paths.FUSION_JSON, result)

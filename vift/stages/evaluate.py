@@ -9,10 +9,9 @@ from vift import paths
 from vift.config.schema import Params
 from vift.eval.ablation import perception, run_ablation, summarise
 from vift.eval.plots import accuracy_bars, accuracy_by_type
-from vift.eval.report import ablation_markdown
+from vift.eval.report import ablation_markdown, headline
 from vift.eval.runner import load_images, load_vqa
-from vift.fusion.method import FusionSpec
-from vift.fusion.modes import Prompts
+from vift.fusion.modes import MODE_ROWS, FusionFile, Prompts
 from vift.io import atomic_directory, atomic_write_json, atomic_write_text
 from vift.model.loading import load_model, load_processor
 
@@ -29,8 +28,9 @@ def _loader(path, params: Params):
 
 def run(params: Params) -> None:
     started = time.time()
-    fusion_file = json.loads(paths.FUSION_JSON.read_text())
-    fusion = FusionSpec.from_dict(fusion_file["fusion"])
+    fusion_file = json.loads(paths.FUSION_JSON.read_text())  # the calibration summary goes into metrics.json
+    read = FusionFile.read(paths.FUSION_JSON)
+    fusion = read.spec
     records = load_vqa(paths.manifest("test"), paths.DATA_DIR, params.data.bad_records)
     images = load_images(records, paths.DATA_DIR)
     models = {"caption": _loader(paths.CAPTION_MODEL, params), "vift": _loader(paths.VIFT_MODEL, params)}
@@ -49,7 +49,7 @@ def run(params: Params) -> None:
     metrics["calibration"] = fusion_file["calibration"]
     # Each file is written atomically, the set is not: the headline files go first and come back
     # last, so a failure in between (a full disk) leaves no old table beside new predictions.
-    for stale in (paths.METRICS_JSON, paths.ABLATION_MD):
+    for stale in (paths.METRICS_JSON, paths.HEADLINE_JSON, paths.ABLATION_MD):
         stale.unlink(missing_ok=True)
     with atomic_directory(paths.PREDICTIONS_DIR) as out:
         for name, items in rows.items():
@@ -65,4 +65,5 @@ def run(params: Params) -> None:
         paths.ABLATION_MD, ablation_markdown(metrics, fusion_file["fusion"], f"Ablation ({params.preset} preset, test split)")
     )
     atomic_write_json(paths.METRICS_JSON, metrics)
+    atomic_write_json(paths.HEADLINE_JSON, headline(metrics, MODE_ROWS[read.mode]))
     print(f"evaluate: {len(rows)} rows in {time.time() - started:.0f} s", flush=True)
