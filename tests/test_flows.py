@@ -15,7 +15,7 @@ def test_overrides_are_validated_with_the_field_named():
         PipelineParameters(preset="ci", overrides={"train.text.learning_rate": -1})
     with pytest.raises(ValueError, match="no such parameter"):
         PipelineParameters(preset="ci", overrides={"train.text.no_such_key": 1})
-    with pytest.raises(ValueError, match="preset\n  Input should be 'ci', 'paper-7b' or 'tiny'"):
+    with pytest.raises(ValueError, match="preset\n  Input should be 'ci', 'paper-7b', 'small' or 'tiny'"):
         PipelineParameters(preset="nope")
 
 

@@ -357,8 +357,11 @@ def test_lora_stage_saves_a_plain_checkpoint_with_the_adapters_merged(make_works
     workspace, params = make_workspace("lora", {"train.text.lora.enabled": True, "train.text.lora.r": 4})
     monkeypatch.chdir(workspace)
     (workspace / "models" / "caption").symlink_to(workspace / "models" / "base")
-    train_stage(TEXT_STAGE, params)
+    summary = train_stage(TEXT_STAGE, params)
     base, trained = model_weights(workspace / "models" / "base"), model_weights(workspace / "models" / "vift")
+    # The report counts what trains: the adapters (r=4 on q/k/v/o), not the frozen weights they adapt.
+    language_model = sum(v.numel() for k, v in base.items() if "language_model" in k)
+    assert 0 < summary["trainable_parameters"]["language_model"] < language_model / 10
     assert trained.keys() == base.keys()  # no lora_A / lora_B / modules_to_save leftovers
     changed = {k for k in base if not torch.equal(base[k], trained[k])}
     assert any("self_attn.q_proj" in k for k in changed) and any("multi_modal_projector" in k for k in changed)

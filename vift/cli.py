@@ -130,6 +130,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vift.storage.importer",
     "flows.cli",
     "vift.perf.cli",
+    "vift.model.cli",
 )
 
 

@@ -107,7 +107,11 @@ class ModelParams(Section):
         description="'tiny' builds the offline default; 'compose' joins vision_tower + language_model "
         "into a LLaVA model (the paper's setup); otherwise a local HF LVLM checkpoint directory",
     )
-    vision_tower: str | None = Field(None, description="local SigLIP checkpoint (base: compose)")
+    vision_tower: str | None = Field(
+        None,
+        description="local SigLIP checkpoint (base: compose); 'scratch': a SigLIP tower built from model.tiny's "
+        "vision settings at data.image_size, randomly initialised, for the caption stage to train",
+    )
     language_model: str | None = Field(None, description="local causal LM checkpoint (base: compose)")
     vision_feature_layer: Int = Field(-2, description="vision layer fed to the projector (base: compose)")
     family: Literal["auto", "llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"] = "auto"

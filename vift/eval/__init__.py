@@ -1,0 +1,1 @@
+"""Evaluation: answering the eval splits, the ablation with its controls, reports and plots."""

@@ -1,0 +1,1 @@
+"""The ViFT method: capture, steer, per-family adapters, the calibration search, the serving modes."""

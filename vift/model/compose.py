@@ -23,6 +23,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from vift.config.schema import TinyModelParams
 from vift.data.manifests import IMAGE_TOKEN
 from vift.errors import UserError
 from vift.model.loading import DTYPES, check_checkpoint
@@ -33,24 +34,56 @@ def _vision_config(config):
     return getattr(config, "vision_config", config)
 
 
+SCRATCH = "scratch"  # model.vision_tower: a SigLIP tower from model.tiny's vision settings, random init
+
+
+def scratch_vision(arch: TinyModelParams, image_size: int, seed: int):
+    """(config, image processor, model) of a randomly initialised SigLIP tower, for when no pretrained
+    vision encoder is at hand (none ships offline): the caption stage trains it."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    config = SiglipVisionConfig(
+        hidden_size=arch.vision_hidden_size,
+        intermediate_size=arch.vision_intermediate_size,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        image_size=image_size,
+        patch_size=arch.patch_size,
+    )
+    torch.manual_seed(seed)
+    return config, SiglipImageProcessorPil(size={"height": image_size, "width": image_size}), SiglipVisionModel(config)
+
+
 def compose_llava(
     vision_path: str | Path,
     language_path: str | Path,
     vision_feature_layer: int = -2,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    scratch: tuple[TinyModelParams, int, int] | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    vision_path, language_path = check_checkpoint(vision_path), check_checkpoint(language_path)
+    """``vision_path`` ``"scratch"`` builds the tower from ``scratch`` = (model.tiny, image size, seed)."""
+    language_path = check_checkpoint(language_path)
     load = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-    vision_config = _vision_config(AutoConfig.from_pretrained(vision_path, **load))
-    if vision_config.model_type != "siglip_vision_model":
-        raise UserError(f"model.vision_tower: {vision_path} is a {vision_config.model_type!r} model; compose expects SigLIP")
+    torch_dtype = DTYPES.get(dtype, torch.float32)
+    if str(vision_path) == SCRATCH:
+        if scratch is None:
+            raise UserError("model.vision_tower: scratch needs the tiny vision settings and the image size")
+        vision_config, image_processor, vision_full = scratch_vision(*scratch)
+        vision_full = vision_full.to(torch_dtype)
+    else:
+        vision_path = check_checkpoint(vision_path)
+        vision_config = _vision_config(AutoConfig.from_pretrained(vision_path, **load))
+        if vision_config.model_type != "siglip_vision_model":
+            raise UserError(f"model.vision_tower: {vision_path} is a {vision_config.model_type!r} model; compose expects SigLIP")
+        image_processor = AutoImageProcessor.from_pretrained(vision_path, **load)
+        vision_full = AutoModel.from_pretrained(vision_path, dtype=torch_dtype, use_safetensors=True, **load)
     tokenizer = AutoTokenizer.from_pretrained(language_path, **load)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    image_processor = AutoImageProcessor.from_pretrained(vision_path, **load)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -59,9 +92,7 @@ def compose_llava(
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
     )
-    torch_dtype = DTYPES.get(dtype, torch.float32)
     language = AutoModelForCausalLM.from_pretrained(language_path, dtype=torch_dtype, use_safetensors=True, **load)
-    vision_full = AutoModel.from_pretrained(vision_path, dtype=torch_dtype, use_safetensors=True, **load)
     vision = getattr(vision_full, "vision_model", vision_full)
     config = LlavaConfig(
         vision_config=vision_config,

@@ -1,44 +1,44 @@
-"""Fused generation cost: fused vs plain, and batched vs the reference's per-sample three prefills.
+"""Fused generation cost, measured so that it cannot flatter (:mod:`vift.perf.timing`).
 
-Builds the tiny default architecture (random weights: speed does not depend on them) and ShapeTally
-questions in a temporary directory; every figure is a ratio of timings taken in the same run.
+Builds the preset's tiny architecture (random weights: speed does not depend on them) and
+ShapeTally questions in a temporary directory, at the settings the pipeline uses (the preset's
+``eval.batch_size`` and ``eval.max_new_tokens``) unless told otherwise; ``--image-size`` makes
+long prompts (384 px at patch 16: 576 image tokens, as LLaVA-1.5). Every candidate runs once per
+round, rounds interleaved after a warm-up; each ratio is the median of per-round ratios, with its
+range. Baselines: plain generation at the same batch (the cost fusion adds), the reference
+algorithm at the same batch (what vift's batching and position handling are worth beyond
+batching itself) and at batch 1 (the reference as published). ``floor`` is what the fused path
+must cost at least: plain generation plus one image+question prefill and one text-only prefill,
+each measured in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
-import time
-from pathlib import Path
+
+from vift.perf.timing import interleaved, paired_ratio, spread
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="architecture and data shape to use (default tiny)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions; medians are reported")
+    parser.add_argument("--preset", default="tiny", help="architecture, data and eval settings to use (default tiny)")
+    parser.add_argument("--batch-size", type=int, help="default: the preset's eval.batch_size")
+    parser.add_argument("--new-tokens", type=int, help="default: the preset's eval.max_new_tokens")
+    parser.add_argument("--image-size", type=int, help="pixels per side (default: the preset's data.image_size)")
+    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (default 7), after one warm-up round")
+    parser.add_argument("--no-per-sample", action="store_true", help="skip the reference at batch 1 (slow at long prompts)")
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, caches
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def reference_fused_generate(model, adapter, processor, image, question, spec, generate_kwargs):
-    """The reference's way for one sample: text-only prefill and image prefill with every layer's
-    hidden states, then a steered generate that adds on the last L positions."""
+def reference_fused_generate(model, adapter, processor, images, questions, spec, generate_kwargs):
+    """The reference's algorithm: a text-only prefill and an image prefill keeping every layer's
+    hidden states, then a steered generate that adds on the last L positions. The reference runs
+    one sample at a time; batched here (left-padded) it does the same arithmetic, so it is the
+    equal-batch baseline (its last-L alignment is exact per sample only: timing, not answers)."""
     import torch
 
     from vift.model.loading import decoder_layers
 
-    image_inputs = adapter.image_inputs(processor, [image], [question], model.device)
-    text_inputs = adapter.text_inputs(processor, [question], model.device)
+    image_inputs = adapter.image_inputs(processor, images, questions, model.device)
+    text_inputs = adapter.text_inputs(processor, questions, model.device)
     with torch.inference_mode():
         text_hidden = model(**text_inputs, output_hidden_states=True).hidden_states
         image_hidden = model(**image_inputs, output_hidden_states=True).hidden_states
@@ -65,6 +65,9 @@ def reference_fused_generate(model, adapter, processor, image, question, spec, g
 
 def run(args: argparse.Namespace) -> dict:
     # torch loads here, not at import: `vift --help` builds this module's parser.
+    import tempfile
+    from pathlib import Path
+
     import torch
 
     from vift.config import load_preset
@@ -77,51 +80,78 @@ def run(args: argparse.Namespace) -> dict:
     from vift.model.tiny import build_tiny_lvlm
 
     params = load_preset(args.preset)
-    data = params.data.model_copy(
-        update={
-            "backbone_text": 200,
-            "captions": 50,
-            "text_instructions": 50,
-            "visual_instructions": 10,
-            "calibration": 0,
-            "test": args.batch_size,
-        }
-    )
+    batch = args.batch_size or params.eval.batch_size
+    new_tokens = args.new_tokens or params.eval.max_new_tokens
+    image_size = args.image_size or params.data.image_size
+    update = {"backbone_text": 200, "captions": 50, "text_instructions": 50, "visual_instructions": 10, "calibration": 0, "test": batch}
+    data = params.data.model_copy(update={**update, "image_size": image_size})
     with tempfile.TemporaryDirectory(prefix="vift-bench-") as scratch:
         root = Path(scratch) / "data"
         generate_shapetally(data, root)
-        model, processor = build_tiny_lvlm(params.model.tiny, data.image_size, training_corpus(root))
+        model, processor = build_tiny_lvlm(params.model.tiny, image_size, training_corpus(root))
         records = list(Manifest(root / "test.jsonl", "vqa"))
         images = load_images(records, root)
     model.eval()
     questions = [r.question for r in records]
-    n = len(questions)
-    generate_kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
-    layers = len(decoder_layers(model))
-    full = FusionSpec(a=0.5, b=0.5, positions="text_prompt")
-    upper = FusionSpec(a=0.5, b=0.5, positions="text_prompt", layer_start=layers // 2)
     adapter = adapter_for(model)
+    image_inputs = adapter.image_inputs(processor, images, questions, model.device)
+    text_inputs = adapter.text_inputs(processor, questions, model.device)
+    image_tokens = int((image_inputs["input_ids"][0] == model.config.image_token_id).sum())
+    generate_kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    layers = len(decoder_layers(model))
+    # The pipeline's calibration searches question positions; additive, a and b non-zero.
+    full = FusionSpec(a=0.5, b=0.5, positions="question")
+    upper = FusionSpec(a=0.5, b=0.5, positions="question", layer_start=layers // 2)
 
-    def batched(spec):
-        return lambda: fused_generate(model, processor, images, questions, spec, batch_size=args.batch_size, **generate_kwargs)
+    def generate(spec):
+        return lambda: fused_generate(model, processor, images, questions, spec, batch_size=batch, **generate_kwargs)
 
-    def per_sample_reference():
+    def prefill(inputs):
+        def run_once():
+            with torch.inference_mode():
+                model(**inputs)
+
+        return run_once
+
+    def reference_batched():
+        reference_fused_generate(model, adapter, processor, images, questions, full, generate_kwargs)
+
+    def reference_per_sample():
         for image, question in zip(images, questions):
-            reference_fused_generate(model, adapter, processor, image, question, full, generate_kwargs)
+            reference_fused_generate(model, adapter, processor, [image], [question], full, generate_kwargs)
 
-    plain = _median_seconds(batched(None), args.repeats)
-    fused_full = _median_seconds(batched(full), args.repeats)
-    fused_upper = _median_seconds(batched(upper), args.repeats)
-    reference = _median_seconds(per_sample_reference, max(1, args.repeats // 2))
-    return {
-        "batch_size": args.batch_size,
-        "new_tokens": args.new_tokens,
-        "decoder_layers": layers,
-        "threads": torch.get_num_threads(),
-        "plain_seconds_per_sample": plain / n,
-        "fused_seconds_per_sample": fused_full / n,
-        "fused_over_plain": fused_full / plain,
-        "fused_upper_half_over_plain": fused_upper / plain,
-        "reference_seconds_per_sample": reference / n,
-        "batched_over_per_sample": reference / fused_full,
+    candidates = {
+        "plain": generate(None),
+        "fused": generate(full),
+        "fused_upper_half": generate(upper),
+        "reference_same_batch": reference_batched,
+        "image_prefill": prefill(image_inputs),
+        "text_prefill": prefill(text_inputs),
     }
+    if not args.no_per_sample:
+        candidates["reference_batch_1"] = reference_per_sample
+    times = interleaved(candidates, args.rounds)
+    floor = [p + i + t for p, i, t in zip(times["plain"], times["image_prefill"], times["text_prefill"])]
+    result = {
+        "settings": {
+            "preset": args.preset,
+            "batch_size": batch,
+            "new_tokens": new_tokens,
+            "image_tokens": image_tokens,
+            "prompt_tokens": int(image_inputs["input_ids"].shape[1]),
+            "text_prompt_tokens": int(text_inputs["input_ids"].shape[1]),
+            "decoder_layers": layers,
+            "fused_layers": [0, layers],
+            "upper_half_layers": [layers // 2, layers],
+            "threads": torch.get_num_threads(),
+            "rounds": args.rounds,
+        },
+        "fused_over_plain": paired_ratio(times["fused"], times["plain"]),
+        "fused_over_plain_floor": paired_ratio(floor, times["plain"]),
+        "fused_upper_half_over_plain": paired_ratio(times["fused_upper_half"], times["plain"]),
+        "reference_same_batch_over_fused": paired_ratio(times["reference_same_batch"], times["fused"]),
+        "seconds_per_sample": {name: spread([t / batch for t in values], 6) for name, values in times.items()},
+    }
+    if "reference_batch_1" in times:
+        result["reference_batch_1_over_fused"] = paired_ratio(times["reference_batch_1"], times["fused"])
+    return result

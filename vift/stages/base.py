@@ -69,6 +69,7 @@ def run(params: Params) -> None:
                 params.model.vision_feature_layer,
                 params.model.dtype,
                 params.model.trust_remote_code,
+                scratch=(params.model.tiny, params.data.image_size, params.seed),
             )
             report["parameters"] = sum(p.numel() for p in model.parameters())
             model.save_pretrained(out)

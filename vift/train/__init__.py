@@ -1,0 +1,1 @@
+"""Training stages: mixture, sampler, Trainer, checkpoints, launch, reports."""

@@ -39,14 +39,20 @@ def part_of(name: str) -> str:
     )
 
 
-def set_trainable(model: torch.nn.Module, trainable: list[str]) -> dict[str, int]:
-    """Freeze every parameter outside ``trainable`` parts; return trainable parameter counts per part."""
+def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters that train, per part (after LoRA: the adapters, not the frozen weights they adapt)."""
     counts: Counter = Counter()
     for name, parameter in model.named_parameters():
-        part = part_of(name)
-        parameter.requires_grad = part in trainable
         if parameter.requires_grad:
-            counts[part] += parameter.numel()
+            counts[part_of(name)] += parameter.numel()
+    return dict(counts)
+
+
+def set_trainable(model: torch.nn.Module, trainable: list[str]) -> dict[str, int]:
+    """Freeze every parameter outside ``trainable`` parts; return trainable parameter counts per part."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = part_of(name) in trainable
+    counts = Counter(trainable_counts(model))
     missing = [part for part in trainable if not counts[part]]
     if missing:
         raise UserError(f"trainable part(s) {', '.join(missing)} have no parameters in this model")

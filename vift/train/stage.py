@@ -47,7 +47,7 @@ from vift.train.caption_check import caption_quality
 from vift.train.checkpoints import CHECKPOINTS_DIR, checkpoint_state, files_signature, prepare_checkpoints
 from vift.train.collate import PaddingCollator
 from vift.train.mixture import build_mixture, count_records, resolve_steps
-from vift.train.parts import apply_lora, part_learning_rates, set_trainable
+from vift.train.parts import apply_lora, part_learning_rates, set_trainable, trainable_counts
 from vift.train.report import write_stage_report
 from vift.train.sampler import GroupedBatchSampler, Mixture, epoch_samples
 from vift.train.trainer import LogFinalStepCallback, StageProgressCallback, StageTrainer, final_loss
@@ -230,6 +230,7 @@ def train_stage(spec: StageSpec, params: Params, callbacks: list[TrainerCallback
     if stage_params.lora.enabled:
         set_seed(stage_params.seed)  # LoRA's A matrices start random: same seed, same run
         model = apply_lora(model, stage_params)
+        trainable = trainable_counts(model)
     sampler = GroupedBatchSampler(
         mixture, stage_params.per_device_train_batch_size, processes, steps * stage_params.gradient_accumulation_steps, stage_params.seed
     )
