@@ -7,9 +7,12 @@ long prompts (384 px at patch 16: 576 image tokens, as LLaVA-1.5). Every candida
 round, rounds interleaved after a warm-up; each ratio is the median of per-round ratios, with its
 range. Baselines: plain generation at the same batch (the cost fusion adds), the reference
 algorithm at the same batch (what vift's batching and position handling are worth beyond
-batching itself) and at batch 1 (the reference as published). ``floor`` is what the fused path
-must cost at least: plain generation plus one image+question prefill and one text-only prefill,
-each measured in the same rounds.
+batching itself) and at batch 1 (the reference as published). Two reference points, measured in
+the same rounds: ``prefill_share_of_plain`` (one image+question pass through the model, vision
+tower included, no logits, over plain generation: what any method that re-runs the prompt pays
+per pass) and ``plain_plus_two_passes_over_plain`` (plain generation plus that pass plus a
+text-only pass: fusion implemented as separate full passes). vift's fused path is below the
+latter because it encodes each image once and stops capturing after the last fused layer.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     def prefill(inputs):
         def run_once():
             with torch.inference_mode():
-                model(**inputs)
+                model.model(**inputs)  # through the decoder, no logits: what a capture pass must compute
 
         return run_once
 
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_per_sample:
         candidates["reference_batch_1"] = reference_per_sample
     times = interleaved(candidates, args.rounds)
-    floor = [p + i + t for p, i, t in zip(times["plain"], times["image_prefill"], times["text_prefill"])]
+    two_passes = [p + i + t for p, i, t in zip(times["plain"], times["image_prefill"], times["text_prefill"])]
     result = {
         "settings": {
             "preset": args.preset,
@@ -147,7 +150,8 @@ def run(args: argparse.Namespace) -> dict:
             "rounds": args.rounds,
         },
         "fused_over_plain": paired_ratio(times["fused"], times["plain"]),
-        "fused_over_plain_floor": paired_ratio(floor, times["plain"]),
+        "plain_plus_two_passes_over_plain": paired_ratio(two_passes, times["plain"]),
+        "prefill_share_of_plain": paired_ratio(times["image_prefill"], times["plain"]),
         "fused_upper_half_over_plain": paired_ratio(times["fused_upper_half"], times["plain"]),
         "reference_same_batch_over_fused": paired_ratio(times["reference_same_batch"], times["fused"]),
         "seconds_per_sample": {name: spread([t / batch for t in values], 6) for name, values in times.items()},
