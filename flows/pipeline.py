@@ -161,11 +161,13 @@ def prepare_workspace(parameters: PipelineParameters, name: str) -> str:
 
 
 @task(name="dvc stage", task_run_name="stage {stage}")
-def run_stage(workspace: str, stage: str) -> str:
+def reproduce_stage(workspace: str, stage: str) -> str:
     return _run(["dvc", "repro", "--single-item", stage], Path(workspace))
 
 
-run_network_stage = run_stage.with_options(name="dvc stage (network)", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
+reproduce_network_stage = reproduce_stage.with_options(
+    name="dvc stage (network)", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5)
+)
 
 
 @task(name="dvc push", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
@@ -217,7 +219,7 @@ def vift_pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict
     """Run the vift stage graph (data → base → training → calibration → evaluation → registration)."""
     workspace = prepare_workspace(parameters, parameters.name())
     for stage in STAGES[: STAGES.index(parameters.stop_after) + 1]:
-        (run_network_stage if stage in NETWORK_STAGES else run_stage)(workspace, stage)
+        (reproduce_network_stage if stage in NETWORK_STAGES else reproduce_stage)(workspace, stage)
     if parameters.push:
         push_outputs(workspace)
     return publish_artifacts(workspace)
