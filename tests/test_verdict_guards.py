@@ -509,3 +509,34 @@ def test_wrong_image_order_is_a_derangement_for_every_size_and_identity_only_bel
         assert all(order[i] != i for i in range(n))
     else:
         assert order == list(range(n))
+
+
+def test_on_a_real_model_where_fusion_cannot_help_calibration_refuses_the_noise_winner(wide_model, ci_data):
+    """Gold answers drawn at random from what the configurations themselves answer: no
+    configuration can be better than another except by chance. Without the beyond-chance check a
+    fused configuration wins the search; with it, no fusion is kept."""
+    import random
+
+    from vift.fusion.calibrate import _grid
+    from vift.fusion.method import fused_generate
+
+    model, processor = wide_model
+    records = list(Manifest(ci_data / "calibration.jsonl", "vqa"))
+    images = [Image.open(ci_data / r.image).convert("RGB") for r in records]
+    questions = [r.question for r in records]
+    ranges = [(0, 4), (2, 4)]
+    specs = [NEUTRAL] + [spec for r in ranges for spec in _grid("additive", "question", r, [0.0, 0.5, 1.0])]
+    answers = {
+        s: fused_generate(model, processor, images, questions, None if s.is_neutral else s, batch_size=16, max_new_tokens=1) for s in specs
+    }
+    rng = random.Random(0)
+    gold = [rng.choice(sorted({answers[s][i] for s in specs})) for i in range(len(records))]
+    assert sum(len({answers[s][i] for s in specs}) > 1 for i in range(len(records))) > len(records) // 2  # fusion changes answers
+    calibrator = Calibrator(model, processor, [r.model_copy(update={"answer": g}) for r, g in zip(records, gold)], images, 16, 1)
+    params = CalibrationParams(modes=["additive"], weights=[0.0, 0.5, 1.0], layer_ranges=ranges, budget=10)
+    unchecked = search(calibrator, params.model_copy(update={"significance": 1.0}))
+    assert unchecked["calibration"]["chosen_is_neutral"] is False  # noise wins without the check
+    assert unchecked["calibration"]["best_accuracy"] > unchecked["calibration"]["unfused_accuracy"]
+    checked = search(calibrator, params)
+    assert checked["calibration"]["chosen_is_neutral"] is True and checked["calibration"]["best_versus_neutral"]["kept_neutral"] is True
+    assert checked["fusion"]["a"] == checked["fusion"]["b"] == 0.0
