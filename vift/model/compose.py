@@ -40,19 +40,13 @@ SCRATCH = "scratch"  # model.vision_tower: a SigLIP tower from model.tiny's visi
 def scratch_vision(arch: TinyModelParams, image_size: int, seed: int):
     """(config, image processor, model) of a randomly initialised SigLIP tower, for when no pretrained
     vision encoder is at hand (none ships offline): the caption stage trains it."""
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers import SiglipVisionModel
 
-    config = SiglipVisionConfig(
-        hidden_size=arch.vision_hidden_size,
-        intermediate_size=arch.vision_intermediate_size,
-        num_hidden_layers=arch.vision_layers,
-        num_attention_heads=arch.vision_heads,
-        image_size=image_size,
-        patch_size=arch.patch_size,
-    )
+    from vift.model.tiny import siglip_config, siglip_image_processor
+
+    config = siglip_config(arch, image_size)
     torch.manual_seed(seed)
-    return config, SiglipImageProcessorPil(size={"height": image_size, "width": image_size}), SiglipVisionModel(config)
+    return config, siglip_image_processor(image_size), SiglipVisionModel(config)
 
 
 def compose_llava(

@@ -22,6 +22,23 @@ from vift.data.manifests import IMAGE_TOKEN
 from vift.model.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 
+def siglip_config(arch: TinyModelParams, image_size: int) -> SiglipVisionConfig:
+    """The SigLIP vision tower of ``model.tiny`` (also the ``small`` preset's tower from scratch)."""
+    return SiglipVisionConfig(
+        hidden_size=arch.vision_hidden_size,
+        intermediate_size=arch.vision_intermediate_size,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        image_size=image_size,
+        patch_size=arch.patch_size,
+    )
+
+
+def siglip_image_processor(image_size: int) -> SiglipImageProcessorPil:
+    """The PIL image processor (torchvision is not required by vift), square at ``image_size``."""
+    return SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
 def build_tiny_lvlm(
     arch: TinyModelParams, image_size: int, corpus: Iterable[str], seed: int = 0
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -30,7 +47,7 @@ def build_tiny_lvlm(
     The PIL image processor is used because torchvision is not required by vift.
     """
     tokenizer = train_tokenizer(corpus, arch.vocab_size)
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor = siglip_image_processor(image_size)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -39,14 +56,7 @@ def build_tiny_lvlm(
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
     )
-    vision = SiglipVisionConfig(
-        hidden_size=arch.vision_hidden_size,
-        intermediate_size=arch.vision_intermediate_size,
-        num_hidden_layers=arch.vision_layers,
-        num_attention_heads=arch.vision_heads,
-        image_size=image_size,
-        patch_size=arch.patch_size,
-    )
+    vision = siglip_config(arch, image_size)
     text = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=arch.hidden_size,
