@@ -51,7 +51,8 @@ def test_the_fusion_benchmark_reports_paired_ratios_against_its_baselines():
     assert out["settings"]["image_tokens"] == 4  # ci: 32 px at patch 16
     for key in (
         "fused_over_plain",
-        "fused_over_plain_floor",
+        "plain_plus_two_passes_over_plain",
+        "prefill_share_of_plain",
         "fused_upper_half_over_plain",
         "reference_same_batch_over_fused",
         "reference_batch_1_over_fused",
