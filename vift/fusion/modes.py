@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vift.data.manifests import caption_instruction
@@ -55,6 +55,7 @@ class FusionFile:
     spec: FusionSpec
     mode: str = DEFAULT_MODE
     prompts: Prompts = Prompts()
+    content: dict = field(default_factory=dict, compare=False)  # the whole file, e.g. its calibration summary
 
     @classmethod
     def read(cls, path: str | Path) -> FusionFile:
@@ -91,7 +92,7 @@ class FusionFile:
             prompts = Prompts(**prompts) if isinstance(prompts, dict) else Prompts()
         except TypeError as error:
             raise UserError(f"{path}: serving.prompts: {error}", exit_code=2) from None
-        return cls(FusionSpec.from_dict(spec), mode, prompts)
+        return cls(FusionSpec.from_dict(spec), mode, prompts, content)
 
 
 def describe_then_answer(

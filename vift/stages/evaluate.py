@@ -28,8 +28,8 @@ def _loader(path, params: Params):
 
 def run(params: Params) -> None:
     started = time.time()
-    fusion_file = json.loads(paths.FUSION_JSON.read_text())  # the calibration summary goes into metrics.json
     read = FusionFile.read(paths.FUSION_JSON)
+    fusion_file = read.content  # the calibration summary goes into metrics.json
     fusion = read.spec
     records = load_vqa(paths.manifest("test"), paths.DATA_DIR, params.data.bad_records)
     images = load_images(records, paths.DATA_DIR)
