@@ -176,7 +176,10 @@ def test_bad_benchmark_files_name_file_record_and_problem(tmp_path, benchmark, m
 
 
 def test_missing_annotation_file_lists_what_was_tried(tmp_path):
-    with pytest.raises(UserError, match=r"no MathVerse testmini annotation file found \(tried testmini.json, data/testmini.json\)"):
+    with pytest.raises(
+        UserError,
+        match=r"no MathVerse testmini annotation file found \(tried testmini.json, data/testmini.json, testmini.parquet, .*data/testmini-\*.parquet\)",
+    ):
         load_benchmark("mathverse", tmp_path)
 
 

@@ -24,6 +24,13 @@ Public layouts read (no network, no ``datasets``):
 - MathVision (``testmini.jsonl`` / ``test.jsonl`` of MATH-V): JSON lines ``{id, question, options,
   image, answer, solution, level, subject}``; ``options`` empty means free form; multiple-choice gold
   answers are letters; ``<image1>`` placeholders in questions are dropped (the image is attached).
+- The dataset hub's parquet copies of all three (:mod:`vift.benchmarks.hub`): MathVista
+  ``data/testmini-00000-of-00001-*.parquet``, MathVerse ``testmini.parquet`` (and
+  ``testmini_text_only.parquet`` with ``--file``), MathVision ``data/testmini-*.parquet`` /
+  ``data/test-*.parquet``; the same fields as the JSON, one record per row, every shard of a split
+  read in order. Embedded images (``decoded_image`` / ``image`` as ``{bytes, path}``) are written
+  into the ``image_dir`` the caller gives (by content hash, decoded first), and records point there;
+  a row with only a relative ``image`` path is looked up as for the JSON layouts and copied in.
 - ``vqa``: this project's VQA manifests (``test.jsonl`` of the data stage), scored as the ablation is.
 
 Images are looked up relative to the annotation file's folder, then its ``images/`` subfolder, then
@@ -42,6 +49,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from vift.benchmarks.hub import ImageStore, rows, shards
 from vift.benchmarks.specs import (
     FREE_FORM,
     FREE_FORM_INSTRUCTION,
@@ -101,6 +109,26 @@ class _Source:
         return record_id
 
 
+class _HubSource(_Source):
+    """Rows of hub parquet shards: every image ends up in ``store`` (embedded bytes written there,
+    a relative path looked up in the data folder and copied there), so one folder serves them all."""
+
+    def __init__(self, path: Path, data_dir: Path, store: ImageStore, check_images: bool):
+        super().__init__(path, data_dir, check_images)
+        self.store = store
+
+    def image(self, raw: Any, where: str, optional: bool = False) -> str | None:
+        if not isinstance(raw, bytes):
+            found = super().image(raw, where, optional)
+            if found is None:
+                return None
+            raw = (self.data_dir / found).read_bytes()
+        name, problem = self.store.put(raw)
+        if problem:
+            raise self.fail(where, problem)
+        return name
+
+
 def _read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -112,14 +140,18 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{line_no}: malformed JSON: {error.msg} (column {error.colno})", exit_code=2) from None
+    line_no = 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path}:{line_no}: malformed JSON: {error.msg} (column {error.colno})", exit_code=2) from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}:{line_no + 1}: not UTF-8 text ({error.reason})", exit_code=2) from None
 
 
 def _text(source: _Source, raw: dict, key: str, where: str, required: bool = True, empty: bool = False) -> str:
@@ -330,8 +362,13 @@ def load_benchmark(
     breakdown: str | None = None,
     prompt_field: str | None = None,
     check_images: bool = True,
+    image_dir: Path | None = None,
 ) -> tuple[list[VQARecord], Path, Path]:
-    """``(records, annotation file, data directory)``: the first ``limit`` records, in file order."""
+    """``(records, annotation file, image folder)``: the first ``limit`` records, in file order.
+
+    The image folder is the data directory, or for the hub's parquet files ``image_dir``, where
+    their embedded images are written (required then; the caller owns and removes it).
+    """
     spec = spec_of(benchmark)
     breakdown = breakdown or spec.breakdowns[0]
     if breakdown not in spec.breakdowns:
@@ -345,8 +382,20 @@ def load_benchmark(
         from vift.eval.runner import load_vqa
 
         return load_vqa(path, data_dir, "fail", limit), path, data_dir
-    source = _Source(path, data_dir, check_images)
     records: list[VQARecord] = []
+    builders = {"mathvista": lambda src, raw, where: _mathvista(src, None, raw, where, breakdown, prompt_field),
+                "mathverse": lambda src, raw, where: _mathverse(src, raw, where, breakdown, prompt_field),
+                "mathvision": lambda src, raw, where: _mathvision(src, raw, where, breakdown, prompt_field)}  # fmt: skip
+    if path.suffix == ".parquet":
+        if image_dir is None:
+            raise TypeError("load_benchmark: parquet files need an image_dir to write their embedded images to")
+        hub = _HubSource(path, data_dir, ImageStore(Path(image_dir)), check_images)
+        for where, raw in rows(shards(path), limit):
+            records.append(builders[benchmark](hub, raw, where))
+        if not records:
+            raise UserError(f"{path}: no records", exit_code=2)
+        return records, path, hub.store.folder
+    source = _Source(path, data_dir, check_images)
 
     def full() -> bool:
         return limit is not None and len(records) >= limit
@@ -358,12 +407,11 @@ def load_benchmark(
 
     if benchmark == "mathvision":
         for line, raw in _read_jsonl(path):
-            records.append(_mathvision(source, record_object(raw, f"line {line}"), f"line {line}", breakdown, prompt_field))
+            records.append(builders[benchmark](source, record_object(raw, f"line {line}"), f"line {line}"))
             if full():
                 break
-        return records, path, data_dir
-    content = _read_json(path)
-    if benchmark == "mathvista":
+    elif benchmark == "mathvista":
+        content = _read_json(path)
         if isinstance(content, dict):
             items = [(str(k), v, f"pid {k}") for k, v in content.items()]
         elif isinstance(content, list):
@@ -375,11 +423,12 @@ def load_benchmark(
             if full():
                 break
     else:
+        content = _read_json(path)
         if not isinstance(content, list):
             raise UserError(f"{path}: expected a JSON list of MathVerse records", exit_code=2)
         for index, raw in enumerate(content):
             where = f"record {index}"
-            records.append(_mathverse(source, record_object(raw, where), where, breakdown, prompt_field))
+            records.append(builders[benchmark](source, record_object(raw, where), where))
             if full():
                 break
     if not records:

@@ -6,22 +6,33 @@ Records come from :mod:`vift.benchmarks.formats` (their scoring facts travel as 
 Scoring (:func:`rule_score`): the final answer is isolated (the last ``\\boxed{...}``, else what
 follows the last "answer is" / "Answer:", else the whole response), then
 - multiple choice: the option letter (``(B)``, ``B.``, ``answer is B``, a lone ``B``) or an option's
-  text stated as the answer; correct if it is the gold option;
-- MathVista free form: exact match after normalising to the answer type, as the MathVista scorer
-  does: integers compared as integers, floats rounded to ``precision`` decimals, lists element-wise;
-- MathVerse / MathVision free form: the last number, compared with a relative tolerance of 1e-4
-  when the gold answer is numeric (``\\frac{a}{b}`` and ``a/b`` count as numbers), else the
-  normalised expression (LaTeX spacing, ``$``, ``\\left``/``\\right``, degree signs removed);
+  text stated as the answer; correct if it is the gold option. MathVista, as its official
+  ``normalize_extracted_answer``: an answer that was stated (boxed, or after "answer is") but is
+  neither a letter nor an option's text becomes the option nearest to it by edit distance;
+- MathVista free form, as its official scorer: integers compared as ``str(int(float(x)))``, floats as
+  ``str(round(float(x), precision))`` against the gold string; lists element-wise (the official
+  scorer compares the GPT extraction's string; a rule extraction is normalised first);
+- MathVision free form, as its official ``is_equal``: the normalised expression, else numeric
+  equality rounded to 2 decimals (``\\frac{a}{b}`` and ``a/b`` count as numbers); multiple choice
+  also accepts the gold option's text;
+- MathVerse free form (its official protocol has no rule-based scorer, only the judge): the last
+  number within a relative tolerance of 1e-4 of a numeric gold answer, else the normalised
+  expression (LaTeX spacing, ``$``, ``\\left``/``\\right``, degree signs removed);
 - with the LLM judge (:mod:`vift.benchmarks.judge`) the judge extracts the answer instead; MathVista then
-  applies the same exact match, MathVerse and MathVision (and ``vqa``) ask the judge whether the
+  applies the same normalisation, MathVerse and MathVision (and ``vqa``) ask the judge whether the
   extraction agrees with the gold answer, as the reference protocol does.
+
+:func:`rule_coverage` is the share of responses the rules find an answer in: reported by
+``vift eval`` beside the accuracy, with or without the judge, so a rules-only number says how much
+of it rests on answers the rules could read.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Sequence
+
+from rapidfuzz.distance import Levenshtein
 
 from vift.benchmarks.specs import LETTERS, spec_of
 from vift.data.manifests import VQARecord
@@ -45,8 +56,8 @@ def _boxed(text: str) -> str | None:
     return text[start:]
 
 
-def final_segment(response: str) -> str:
-    """Where the final answer is: the last ``\\boxed{}``, else after the last "answer is", else all."""
+def stated_answer(response: str) -> str | None:
+    """The answer ``response`` states: the last ``\\boxed{}``, else after the last "answer is"; or None."""
     boxed = _boxed(response)
     if boxed is not None:
         return boxed.strip()
@@ -55,7 +66,20 @@ def final_segment(response: str) -> str:
         tail = response[found[-1].end() :].strip()
         if tail:
             return tail.splitlines()[0].strip()
-    return response.strip()
+    return None
+
+
+def final_segment(response: str) -> str:
+    """Where the final answer is: the stated answer (:func:`stated_answer`), else the whole response."""
+    stated = stated_answer(response)
+    return response.strip() if stated is None else stated
+
+
+def nearest_choice(text: str, choices: Sequence[str]) -> str:
+    """The letter of the option nearest to ``text`` by edit distance (MathVista's ``get_most_similar``:
+    the first of equally near options)."""
+    distances = [Levenshtein.distance(text, choice) for choice in choices]
+    return LETTERS[distances.index(min(distances))]
 
 
 _LETTER_PATTERNS = (
@@ -143,17 +167,17 @@ def _extra(record: VQARecord, key: str, default=None):
 def extract_final(record: VQARecord, response: str, lenient_choice: bool = False) -> str:
     """The answer ``response`` gives, in the form the record's gold answer takes ("" if none).
 
-    ``lenient_choice``: for multiple choice with no letter or exact option text, take the most
-    similar option (the MathVista scorer's rule after its LLM extraction).
+    Multiple choice with no letter or exact option text: MathVista's normalisation takes the option
+    nearest by edit distance to a stated answer (boxed, or after "answer is"); ``lenient_choice``
+    (the judge's extraction, which is all answer) to the whole response.
     """
-    segment = final_segment(response)
+    stated = stated_answer(response)
+    segment = response.strip() if stated is None else stated
     if record.choices:
-        letter = extract_letter(segment, record.choices) or (
-            extract_letter(response, record.choices) if segment != response.strip() else ""
-        )
-        if not letter and lenient_choice and segment:
-            scores = [difflib.SequenceMatcher(None, segment.lower(), c.lower()).ratio() for c in record.choices]
-            letter = LETTERS[scores.index(max(scores))]
+        letter = extract_letter(segment, record.choices) or (extract_letter(response, record.choices) if stated is not None else "")
+        nearest_of = segment if lenient_choice else stated if _extra(record, "benchmark") == "mathvista" else None
+        if not letter and nearest_of:
+            letter = nearest_choice(nearest_of, record.choices)
         return letter
     answer_type = _extra(record, "answer_type", "text")
     if answer_type == "list":
@@ -175,10 +199,9 @@ def rule_correct(record: VQARecord, extracted: str) -> bool:
     benchmark = _extra(record, "benchmark")
     got, gold = _value(extracted), _value(record.answer)
     if benchmark == "mathvista" and answer_type == "integer":
-        return got is not None and gold is not None and int(got) == int(gold)
+        return got is not None and str(int(got)) == record.answer.strip()
     if benchmark == "mathvista" and answer_type == "float":
-        precision = _extra(record, "precision") or 0
-        return got is not None and gold is not None and round(got, precision) == round(gold, precision)
+        return got is not None and str(round(got, _extra(record, "precision") or 0)) == record.answer.strip()
     if answer_type == "list":
         ours, theirs = _parse_list(extracted), _parse_list(record.answer)
         if ours is None or theirs is None or len(ours) != len(theirs):
@@ -192,6 +215,10 @@ def rule_correct(record: VQARecord, extracted: str) -> bool:
             elif _normalise_math(a) != _normalise_math(b):
                 return False
         return True
+    if benchmark == "mathvision":
+        if same_expression(extracted, record.answer):
+            return True
+        return got is not None and gold is not None and round(got, 2) == round(gold, 2)
     if gold is not None:
         return got is not None and _close(got, gold)
     return same_expression(extracted, record.answer)
@@ -250,6 +277,14 @@ def make_scorer(benchmark: str, judge=None) -> Callable[[VQARecord, str], dict]:
         return row
 
     return judged
+
+
+def rule_coverage(benchmark: str, records: Sequence[VQARecord], responses: Sequence[str]) -> float | None:
+    """The share of responses in which the rules find an answer (None for no responses)."""
+    if not records:
+        return None
+    rules = make_scorer(benchmark)
+    return sum(1 for r, a in zip(records, responses) if str(rules(r, a)["extracted"]).strip()) / len(records)
 
 
 def no_answer_count(rows: Sequence[dict]) -> int:

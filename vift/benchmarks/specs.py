@@ -1,7 +1,7 @@
 """The real benchmarks: their names, the answer-format rules their prompts end with, and where their files are.
 
-MathVista, MathVerse and MathVision testmini are read from local files in their public layouts
-(:mod:`vift.benchmarks.formats`); ``vqa`` is this project's VQA manifest. A :class:`BenchmarkSpec`
+MathVista, MathVerse and MathVision testmini are read from local files in their public layouts,
+the repositories' JSON or the dataset hub's parquet shards (:mod:`vift.benchmarks.formats`); ``vqa`` is this project's VQA manifest. A :class:`BenchmarkSpec`
 names the annotation files tried under ``--data`` and the keys results may be broken down by;
 :func:`find_annotation` resolves ``--data`` / ``--file`` to the annotation file and data folder.
 The instructions are the answer-format rules of the reference prompts (MathVista's per answer type).
@@ -48,6 +48,7 @@ def float_instruction(precision: int) -> str:
 class BenchmarkSpec:
     name: str
     files: tuple[str, ...]  # annotation files tried under --data, in order
+    parquet: tuple[str, ...]  # then the hub's parquet shards (glob patterns), in order
     breakdowns: tuple[str, ...]  # allowed breakdown keys; the first is the default
     title: str
 
@@ -56,22 +57,25 @@ SPECS = {
     "mathvista": BenchmarkSpec(
         "mathvista",
         ("testmini.json", "data/testmini.json", "annot_testmini.json", "data/annot_testmini.json"),
+        ("data/testmini-*.parquet", "testmini-*.parquet", "testmini.parquet"),
         ("category", "question_type", "answer_type", "task", "context", "grade", "source", "language"),
         "MathVista testmini",
     ),
     "mathverse": BenchmarkSpec(
         "mathverse",
         ("testmini.json", "data/testmini.json"),
+        ("testmini.parquet", "data/testmini.parquet", "testmini-*.parquet", "data/testmini-*.parquet"),
         ("problem_version", "question_type", "subject", "subfield", "source"),
         "MathVerse testmini",
     ),
     "mathvision": BenchmarkSpec(
         "mathvision",
         ("testmini.jsonl", "data/testmini.jsonl", "test.jsonl", "data/test.jsonl"),
+        ("data/testmini-*.parquet", "testmini-*.parquet", "data/test-*.parquet", "test-*.parquet"),
         ("subject", "level", "question_type"),
         "MathVision",
     ),
-    "vqa": BenchmarkSpec("vqa", ("test.jsonl",), ("type",), "VQA manifest"),
+    "vqa": BenchmarkSpec("vqa", ("test.jsonl",), (), ("type",), "VQA manifest"),
 }
 
 
@@ -104,6 +108,11 @@ def find_annotation(benchmark: str, data: str | Path, file: str | None = None) -
     for name in spec.files:
         if (data / name).is_file():
             return data / name, data
+    for pattern in spec.parquet:  # the hub layout: the first shard stands for its split
+        found = sorted(p for p in data.glob(pattern) if p.is_file())
+        if found:
+            return found[0], data
     raise UserError(
-        f"{data}: no {spec.title} annotation file found (tried {', '.join(spec.files)}); pass --file NAME or point --data at the file"
+        f"{data}: no {spec.title} annotation file found (tried {', '.join(spec.files + spec.parquet)}); "
+        f"pass --file NAME or point --data at the file"
     )

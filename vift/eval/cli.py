@@ -6,12 +6,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from vift.errors import UserError
 
 DEFAULT_OUT = Path("reports") / "eval"
+# what a run's metrics.json records of how it asked and how it read the answers
+BUILT_PROMPT = "Question: {question}[ (Unit: {unit})][\\nChoices:\\n(A) {choice}...]\\n{answer-format rule}"
+EXTRACTION = {
+    "mathvista": "rules: boxed / 'answer is' / option letter or text, nearest option by edit distance; "
+    "MathVista normalisation (int(float), round to precision)",
+    "mathverse": "rules: boxed / 'answer is' / option letter or text; last number (rel. tol. 1e-4) or normalised expression",
+    "mathvision": "rules: boxed / 'answer is' / option letter or text; normalised expression or number to 2 decimals",
+    "vqa": "rules: the ablation's answer rules",
+}
 
 
 def _params(path: str):
@@ -97,13 +107,6 @@ def summary_table(title: str, metrics: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vift.benchmarks.formats import load_benchmark
-    from vift.benchmarks.generation import generate_answers
-    from vift.benchmarks.scoring import make_scorer, no_answer_count
-    from vift.benchmarks.specs import SPECS
-    from vift.eval.runner import prediction_rows, score
-    from vift.io import atomic_write_json, atomic_write_text
-
     started = time.time()
     params = _params(args.params)
     batch_size = params.eval.batch_size if args.batch_size is None else args.batch_size
@@ -115,7 +118,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # fail fast on everything the user typed before loading a model
     fusion = None if args.no_fusion or not args.fusion else load_fusion(args.fusion)
     judge = _judge(judge_on, params)
-    records, annotation, data_dir = load_benchmark(args.benchmark, args.data, args.file, args.limit, args.breakdown, args.prompt_field)
+    # the hub's parquet files embed their images: they are written here for the run, then removed
+    with tempfile.TemporaryDirectory(prefix="vift-eval-images-") as image_dir:
+        return _evaluate(args, started, params, batch_size, max_new_tokens, fusion, judge, Path(image_dir))
+
+
+def _evaluate(args, started, params, batch_size, max_new_tokens, fusion, judge, image_dir: Path) -> int:
+    from vift.benchmarks.formats import load_benchmark
+    from vift.benchmarks.generation import generate_answers
+    from vift.benchmarks.scoring import make_scorer, no_answer_count, rule_coverage
+    from vift.benchmarks.specs import SPECS
+    from vift.eval.runner import prediction_rows, score
+    from vift.io import atomic_write_json, atomic_write_text
+
+    records, annotation, data_dir = load_benchmark(
+        args.benchmark, args.data, args.file, args.limit, args.breakdown, args.prompt_field, image_dir=image_dir
+    )
     out = Path(args.out) if args.out else DEFAULT_OUT / args.benchmark
     if args.benchmark != "vqa" and max_new_tokens < 64:
         print(f"vift eval: note: max_new_tokens={max_new_tokens} leaves no room for reasoning; "
@@ -147,9 +165,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "scoring": f"judge ({judge.config.model})" if judge else "rules",
             "breakdown": args.breakdown or SPECS[args.benchmark].breakdowns[0],
             "prompt": args.prompt_field or "built",
+            "prompt_template": f"{{{args.prompt_field}}}" if args.prompt_field else BUILT_PROMPT,
+            "extraction": EXTRACTION[args.benchmark]
+            if judge is None
+            else "the judge's extraction, then "
+            + ("MathVista's normalisation" if args.benchmark == "mathvista" else "the judge's agreement verdict"),
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "no_answer": no_answer_count(rows),
+            "rule_coverage": rule_coverage(args.benchmark, records, answers),
             "seconds": round(time.time() - started, 1),
         }
     )
@@ -172,7 +196,12 @@ def add_commands(sub, add_params_option) -> None:
         "answers (rule-based extraction, or the LLM judge), and write predictions.jsonl and metrics.json.",
     )
     p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    p.add_argument("--data", required=True, metavar="DIR", help="the benchmark's folder (or its annotation file)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="the benchmark's folder (its JSON, or the dataset hub's parquet shards), or the annotation file",
+    )
     p.add_argument("--file", metavar="NAME", help="annotation file inside --data (default: found by name, e.g. testmini.json)")
     p.add_argument(
         "--model", required=True, metavar="PATH_OR_URI",
