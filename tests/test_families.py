@@ -4,12 +4,13 @@ Every family's model is float64 with a wide init (so greedy outputs vary and nev
 vision tower is deeper than its language model (the trap of guessing the decoder layers by the
 longest numbered module list). Inputs come from the family adapter and a real processor built
 offline: a byte-level BPE tokenizer trained here plus the family's PIL image processor. Processors
-that declare a video processor (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) cannot type-check a missing
-one without torchvision, which is not installed; they are built with ``video_processor=None`` with
-that one check skipped (see ``_without_video_processor``), the image path being the real one.
-SmolVLM's processor needs ``num2words`` (not installed): its inputs come from the Idefics3
-processor, which writes the same image-token layout, and its adapter's prompt building is tested
-with the tokenizer alone.
+that declare a video processor (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL) cannot
+type-check a missing one without torchvision, which is not installed; they are built with
+``video_processor=None`` with that one check skipped (see ``_without_video_processor``), the image
+path being the real one. SmolVLM's processor needs ``num2words`` (not installed): its inputs come
+from the Idefics3 processor, which writes the same image-token layout, and its adapter's prompt
+building is tested with the tokenizer alone. Mistral3 (Pixtral) is not supported: its processor's
+module imports torchvision at import time, so no real processor can be built here.
 """
 
 from __future__ import annotations
@@ -73,15 +74,45 @@ IDEFICS3 = (
     "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+LLAVA_NEXT = (  # llava-v1.6-mistral: images first, then the text, inside [INST] ... [/INST] (plain text, as in Mistral v0.2)
+    "{% for message in messages %}[INST] "
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}<image>\n{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
+    " [/INST]{% endfor %}"
+)
+AYA = (
+    "<BOS_TOKEN>{% for message in messages %}<|START_OF_TURN_TOKEN|>"
+    "{% if message['role'] == 'user' %}<|USER_TOKEN|>{% else %}<|CHATBOT_TOKEN|>{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}<|END_OF_TURN_TOKEN|>{% endfor %}{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}"
+)
+INTERNVL = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IDEFICS2 = IDEFICS3.removeprefix("<|im_start|>")  # Idefics2's template writes no start token (its tokenizer adds <s>)
+GEMMA3 = (
+    "<bos>{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% else %}{{ part['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+QWEN3 = QWEN.removeprefix("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")  # no default system prompt
 CORPUS = QUESTIONS + ["system user assistant You are a helpful assistant. User: Assistant: answer the question"]
 
 
-def _tokenizer(template: str | None, eos: str = "<|im_end|>", **extra) -> PreTrainedTokenizerFast:
+def _tokenizer(template: str | None, eos: str = "<|im_end|>", specials: tuple[str, ...] = (), **extra) -> PreTrainedTokenizerFast:
+    """``specials``: the family's own special tokens, after the shared ones (whose ids stay the same)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=420, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=420 + len(specials),
+        special_tokens=SPECIAL_TOKENS + list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(
@@ -238,6 +269,141 @@ def build_paligemma():
     return PaliGemmaForConditionalGeneration(config), processor
 
 
+def build_llava_next():
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, MistralConfig, SiglipVisionConfig
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = _tokenizer(LLAVA_NEXT, eos="<eos>", extra_special_tokens={"image_token": "<image>"})
+    pinpoints = [[16, 16], [16, 32], [32, 16], [32, 32]]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="full", chat_template=LLAVA_NEXT,
+    )  # fmt: skip
+    config = LlavaNextConfig(
+        vision_config=SiglipVisionConfig(**SIGLIP, image_size=16, vision_use_head=False), text_config=MistralConfig(**_text_config(tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )  # fmt: skip
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+GOT_OCR2 = {"size": {"height": 16, "width": 16}, "crop_to_patches": True, "min_patches": 1, "max_patches": 4}
+
+
+def build_aya_vision():
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, Cohere2Config, SiglipVisionConfig
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    specials = ("<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>")
+    specials += ("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>")
+    tokenizer = _tokenizer(AYA, eos="<|END_OF_TURN_TOKEN|>", specials=specials)
+    # 16-pixel tiles (1 to 4 by aspect ratio, plus the global one when there are several); a 2x2 pixel
+    # shuffle of the 4x4 patches leaves (16 // (4 * 2)) ** 2 = 4 tokens per tile
+    processor = AyaVisionProcessor(
+        image_processor=GotOcr2ImageProcessorPil(**GOT_OCR2), tokenizer=tokenizer, patch_size=4, img_size=16, downsample_factor=2,
+        chat_template=AYA,
+    )  # fmt: skip
+    config = AyaVisionConfig(
+        vision_config=SiglipVisionConfig(**{**SIGLIP, "patch_size": 4}, image_size=16, vision_use_head=False),
+        text_config=Cohere2Config(**_text_config(tokenizer), layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=16),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=2,
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )  # fmt: skip
+    return AyaVisionForConditionalGeneration(config), processor
+
+
+def build_internvl():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, InternVLVisionConfig, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+    tokenizer = _tokenizer(INTERNVL, specials=tuple(image_tokens.values()), extra_special_tokens={**image_tokens, "video_token": "<video>"})
+    # 16-pixel tiles as for Aya Vision; the 0.5 pixel shuffle of 4x4 patches leaves 4 tokens per tile
+    with _without_video_processor():
+        processor = InternVLProcessor(
+            image_processor=GotOcr2ImageProcessorPil(**GOT_OCR2), tokenizer=tokenizer, video_processor=None, image_seq_length=4,
+            chat_template=INTERNVL,
+        )  # fmt: skip
+    vision = InternVLVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=16, patch_size=4
+    )
+    config = InternVLConfig(
+        vision_config=vision, text_config=Qwen2Config(**_text_config(tokenizer)), image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4, downsample_ratio=0.5,
+    )  # fmt: skip
+    return InternVLForConditionalGeneration(config), processor
+
+
+def build_idefics2():
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor, MistralConfig
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    tokenizer = _tokenizer(IDEFICS2, eos="<end_of_utterance>")
+    # one image per prompt, resized to 16..32 pixels a side, padded to the batch's largest (pixel_attention_mask)
+    image_processor = Idefics2ImageProcessorPil(size={"shortest_edge": 16, "longest_edge": 32}, do_image_splitting=False)
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS2)
+    perceiver = {
+        "hidden_size": 32, "resampler_n_latents": 4, "resampler_depth": 2, "resampler_n_heads": 2, "resampler_head_dim": 8,
+        "num_key_value_heads": 1,
+    }  # fmt: skip
+    config = Idefics2Config(
+        text_config=MistralConfig(**_text_config(tokenizer)), vision_config={**SIGLIP, "image_size": 32, "patch_size": 4},
+        perceiver_config=perceiver, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    return Idefics2ForConditionalGeneration(config), processor
+
+
+def build_gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    specials = ("<start_of_turn>", "<end_of_turn>", *image_tokens.values())
+    tokenizer = _tokenizer(GEMMA3, eos="<end_of_turn>", specials=specials, extra_special_tokens=image_tokens)
+    # 16x16 images, 4x4 patches average-pooled to mm_tokens_per_image = 4 soft tokens
+    image_processor = Gemma3ImageProcessorPil(size={"height": 16, "width": 16})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3, image_seq_length=4)
+    text = Gemma3TextConfig(
+        **{**_text_config(tokenizer), "bos_token_id": tokenizer.bos_token_id}, head_dim=16, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=16,
+    )  # fmt: skip
+    ids = {
+        f"{name}_index": tokenizer.convert_tokens_to_ids(token)
+        for name, token in [("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"), ("image_token", "<image_soft_token>")]
+    }
+    config = Gemma3Config(
+        text_config=text, vision_config=SiglipVisionConfig(**{**SIGLIP, "patch_size": 4}, image_size=16, vision_use_head=False),
+        mm_tokens_per_image=4, **ids,
+    )  # fmt: skip
+    return Gemma3ForConditionalGeneration(config), processor
+
+
+def build_qwen3_vl():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = _tokenizer(QWEN3)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=4, merge_size=2, temporal_patch_size=2)
+    with _without_video_processor():
+        processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN3)
+    tokens = {
+        "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+    }  # fmt: skip
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in tokens.items()}
+    # interleaved M-RoPE over head_dim / 2 = 8 frequencies: H on 1 and 4, W on 2 and 5, T on the rest (as [24, 20, 20] of 64)
+    rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 10000.0}
+    text = _text_config(tokenizer, head_dim=16, rope_parameters=rope)
+    # deepstack: the outputs of vision blocks 1 and 2 are added to the image positions after LM layers 0 and 1
+    vision = {
+        "depth": 4, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "patch_size": 4, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "out_hidden_size": 32, "num_position_embeddings": 16, "deepstack_visual_indexes": [1, 2],
+    }  # fmt: skip
+    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids)), processor
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -262,8 +428,33 @@ FAMILY_TABLE = {
         Family("idefics3", lambda: _build_idefics3("idefics3"), "idefics3", lambda m: m.model.text_model.layers, lambda m: m.model.vision_model.encoder.layers),
         Family("smolvlm", lambda: _build_idefics3("smolvlm"), "idefics3", lambda m: m.model.text_model.layers, lambda m: m.model.vision_model.encoder.layers),
         Family("paligemma", build_paligemma, "paligemma", lambda m: m.model.language_model.layers, _siglip_layers, bidirectional_prefix=True),
+        Family("llava_next", build_llava_next, "llava_next", lambda m: m.model.language_model.layers, _siglip_layers),
+        Family("aya_vision", build_aya_vision, "aya_vision", lambda m: m.model.language_model.layers, _siglip_layers),
+        Family("internvl", build_internvl, "internvl", lambda m: m.model.language_model.layers, lambda m: m.model.vision_tower.encoder.layer),
+        Family("idefics2", build_idefics2, "idefics2", lambda m: m.model.text_model.layers, lambda m: m.model.vision_model.encoder.layers),
+        Family("gemma3", build_gemma3, "gemma3", lambda m: m.model.language_model.layers, _siglip_layers),
+        Family("qwen3_vl", build_qwen3_vl, "qwen3_vl", lambda m: m.model.language_model.layers, lambda m: m.model.visual.blocks),
     ]
 }  # fmt: skip
+
+
+# What each family's batches carry besides input_ids and attention_mask: (image+question, text-only).
+MM_TYPES = {"pixel_values", "image_grid_thw", "mm_token_type_ids"}
+EXTRA_KEYS = {
+    "llava": ({"pixel_values"}, set()),
+    "llava_onevision": ({"pixel_values", "image_sizes", "batch_num_images"}, set()),
+    "qwen2_vl": (MM_TYPES, {"mm_token_type_ids"}),
+    "qwen2_5_vl": (MM_TYPES, {"mm_token_type_ids"}),
+    "idefics3": ({"pixel_values", "pixel_attention_mask"}, set()),
+    "smolvlm": ({"pixel_values", "pixel_attention_mask"}, set()),
+    "paligemma": ({"pixel_values", "token_type_ids"}, {"token_type_ids"}),
+    "llava_next": ({"pixel_values", "image_sizes"}, set()),
+    "aya_vision": ({"pixel_values"}, set()),  # tiles of all images along dim 0
+    "internvl": ({"pixel_values"}, set()),  # tiles of all images along dim 0
+    "idefics2": ({"pixel_values", "pixel_attention_mask"}, set()),
+    "gemma3": ({"pixel_values", "token_type_ids"}, set()),  # none needed for text-only: see its test
+    "qwen3_vl": (MM_TYPES, {"mm_token_type_ids"}),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -354,11 +545,14 @@ def test_decoder_layers_are_the_language_models_even_below_a_deeper_vision_tower
 def test_inputs_are_left_padded_and_share_the_question_suffix(family, images):
     spec, model, processor = family
     image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
+    image_keys, text_keys = EXTRA_KEYS[spec.name]
+    assert image_inputs.keys() == {"input_ids", "attention_mask"} | image_keys
+    assert text_inputs.keys() == {"input_ids", "attention_mask"} | text_keys
     for batch in (image_inputs, text_inputs):
         mask = batch["attention_mask"]
         assert (mask[:, -1] == 1).all() and (mask.diff(dim=1) >= 0).all()  # real tokens right-aligned
         assert len(set(mask.sum(dim=1).tolist())) > 1  # mixed lengths: the batch is padded
-    if spec.adapter == "qwen2_vl":
+    if spec.adapter in ("qwen2_vl", "qwen3_vl"):
         assert image_inputs["mm_token_type_ids"].any() and not text_inputs["mm_token_type_ids"].any()
         # the adapter's own derivation (for processors that do not return them) is the processor's
         derived = adapter_for(model).mm_token_type_ids(image_inputs["input_ids"], processor)
@@ -366,6 +560,8 @@ def test_inputs_are_left_padded_and_share_the_question_suffix(family, images):
     if spec.adapter == "paligemma":
         assert "labels" not in image_inputs  # the processor's training labels
         assert not image_inputs["token_type_ids"].any() and not text_inputs["token_type_ids"].any()  # all prefix
+    if spec.adapter == "gemma3":  # 1 on the soft image tokens only: each image block is bidirectional
+        assert torch.equal(image_inputs["token_type_ids"], (image_inputs["input_ids"] == model.config.image_token_id).long())
     fused = question_positions(image_inputs, text_inputs)
     tokenizer = getattr(processor, "tokenizer", processor)
     for row, question in enumerate(QUESTIONS):
@@ -494,11 +690,41 @@ def test_no_hook_remains_after_fusion_also_after_an_exception(family, images):
     assert hooks() == installed
 
 
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_gemma3_needs_token_type_ids_for_images_only(family, images):
+    """Image tokens attend bidirectionally within their block through ``token_type_ids``; text-only
+    prompts need none: absent, the mask is the causal one an all-zero ``token_type_ids`` gives."""
+    _, model, processor = family
+    image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
+    plain = generate(model, text_inputs)
+    zeros = generate(model, {**text_inputs, "token_type_ids": torch.zeros_like(text_inputs["input_ids"])})
+    assert torch.equal(zeros.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(zeros.logits, plain.logits, strict=True))
+    causal = generate(model, {k: v for k, v in image_inputs.items() if k != "token_type_ids"})
+    assert not torch.allclose(causal.logits[0], generate(model, image_inputs).logits[0])  # the key is used
+
+
 def test_an_unknown_family_names_every_supported_one():
     with pytest.raises(UserError) as error:
         adapter_for("mystery")
     message = str(error.value)
     assert message.startswith("unsupported model family 'mystery'; supported: ")
-    for model_type in ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma"):
+    model_types = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma"]
+    model_types += ["llava_next", "aya_vision", "internvl", "idefics2", "gemma3", "qwen3_vl"]
+    for model_type in model_types:
         assert re.search(rf"\b{model_type}\b", message)
-    assert {f.name for f in FAMILIES} == {"llava", "llava_onevision", "qwen2_vl", "idefics3", "paligemma"}
+    assert {f.name for f in FAMILIES} == {
+        "llava", "llava_onevision", "qwen2_vl", "idefics3", "paligemma",
+        "llava_next", "aya_vision", "internvl", "idefics2", "gemma3", "qwen3_vl",
+    }  # fmt: skip
+    # every model type a family names is tested above, each on its own tiny model
+    assert {t for f in FAMILIES for t in f.model_types} == set(FAMILY_TABLE)
+    assert "mistral3" not in message  # its processor imports torchvision: not supported (see the module docstring)
+
+
+def test_the_family_parameter_names_every_supported_model_type():
+    from typing import get_args
+
+    from vift.config.schema import ModelParams
+
+    assert set(get_args(ModelParams.model_fields["family"].annotation)) == {"auto"} | {t for f in FAMILIES for t in f.model_types}

@@ -114,7 +114,10 @@ class ModelParams(Section):
     )
     language_model: str | None = Field(None, description="local causal LM checkpoint (base: compose)")
     vision_feature_layer: Int = Field(-2, description="vision layer fed to the projector (base: compose)")
-    family: Literal["auto", "llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"] = "auto"
+    family: Literal[
+        "auto", "llava", "llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics2", "idefics3",
+        "smolvlm", "paligemma", "gemma3", "aya_vision", "internvl",
+    ] = "auto"  # fmt: skip
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tiny: TinyModelParams = TinyModelParams()

@@ -32,6 +32,39 @@ model in ``tests/test_families.py``):
   ``<image>×N <bos> question \\n``; the text-only prompt is ``<bos> question \\n``, tokenized directly
   because the processor refuses calls without images. Decoder layers are
   ``model.model.language_model.layers``. See :class:`PaliGemmaAdapter` for the bidirectional prefix.
+- ``llava_next``: chat template + processor; decoder layers are ``model.model.language_model.layers``.
+  The processor expands ``<image>`` into base + any-resolution + row-newline features, a count that
+  depends on the image's size, and returns ``image_sizes``; ``pixel_values`` are
+  ``(batch, views, 3, H, W)`` (the base view and the best pinpoint's tiles, zero-padded).
+- ``aya_vision``: chat template + processor; decoder layers are ``model.model.language_model.layers``
+  (Cohere2). The processor tiles each image (GOT-OCR2 style) and expands ``<image>`` into
+  ``<|START_OF_IMG|>``, per tile ``TILE_i`` and ``<|IMG_PATCH|>`` × n, ``TILE_GLOBAL`` and the
+  thumbnail's patches, ``<|END_OF_IMG|>``; the model's image token is ``<|IMG_PATCH|>``.
+  ``pixel_values`` holds every image's tiles along dim 0 (no extra keys).
+- ``internvl``: chat template (``<IMG_CONTEXT>\n`` per image) + processor; decoder layers are
+  ``model.model.language_model.layers``. The processor tiles each image and expands it into ``<img>``,
+  ``<IMG_CONTEXT>`` × ``image_seq_length`` per tile, ``</img>``; ``pixel_values`` as for Aya Vision.
+- ``idefics2``: chat template + processor; decoder layers are ``model.model.text_model.layers``. The
+  processor writes ``<fake_token_around_image>`` ``<image>`` × ``image_seq_len`` (the perceiver's
+  latents) ``<fake_token_around_image>`` and a space before the text that follows, so
+  ``User:<image>question`` and ``User: question`` share `` question``; ``pixel_values``
+  ``(batch, images, 3, H, W)`` are zero-padded to the batch's largest image, with
+  ``pixel_attention_mask``.
+- ``gemma3``: chat template + processor; decoder layers are ``model.model.language_model.layers``. The
+  processor replaces ``<start_of_image>`` with ``\n\n<start_of_image>``, ``<image_soft_token>`` ×
+  ``mm_tokens_per_image``, ``<end_of_image>\n\n`` and returns ``token_type_ids`` (1 on the soft
+  tokens): each image block attends bidirectionally within itself and everything else causally, so,
+  unlike PaliGemma, steering the question leaves every earlier position as in the plain model.
+  Text-only inputs need no ``token_type_ids``: without them Gemma3 builds exactly the causal mask an
+  all-zero one gives (identical outputs, pinned by a test), so the generic adapter serves.
+- ``qwen3_vl``: as Qwen2-VL (:class:`QwenVLAdapter`, M-RoPE with ``mm_token_type_ids``, ``rope_deltas``
+  recomputed by every ``generate``); decoder layers are ``model.model.language_model.layers``.
+  DeepStack adds intermediate vision features to the image positions after each of the first
+  decoder layers, outside the layers: the hooks see (and capture) the states with them added, and
+  the fused positions are never image positions.
+
+Not supported: ``mistral3`` (Pixtral): its processor's module imports torchvision at import time, so
+without torchvision no real processor can be built and the family cannot be tested.
 
 Pitfalls the engine avoids for all of them: decoder layers return a plain tensor (``output[0]`` would
 be batch element 0), so hooks read and replace only ``args[0]`` (the layer's keyword names change
@@ -50,6 +83,7 @@ from dataclasses import dataclass
 import torch
 
 from vift.errors import UserError
+from vift.model.chat import adds_special_tokens
 
 
 def _user_message(question: str, with_image: bool) -> list[dict]:
@@ -79,11 +113,16 @@ class FamilyAdapter:
     def prompt(self, processor, question: str, with_image: bool) -> str:
         return processor.apply_chat_template(_user_message(question, with_image), add_generation_prompt=True, tokenize=False)
 
+    def special_tokens(self, processor, prompt: str) -> bool:
+        """Whether tokenizing ``prompt`` adds the tokenizer's special tokens: :func:`adds_special_tokens`."""
+        return adds_special_tokens(_tokenizer(processor), prompt)
+
     def _left_padded(self, processor, **kwargs) -> dict:
         tokenizer = _tokenizer(processor)
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        special = self.special_tokens(processor, kwargs["text"][0])  # one template: the same for every prompt
         try:
-            return dict(processor(**kwargs, return_tensors="pt", padding=True, add_special_tokens=False))
+            return dict(processor(**kwargs, return_tensors="pt", padding=True, add_special_tokens=special))
         finally:
             tokenizer.padding_side = side
 
@@ -151,6 +190,9 @@ class PaliGemmaAdapter(FamilyAdapter):
     The processor's ``labels`` (a training convenience) are dropped.
     """
 
+    def special_tokens(self, processor, prompt: str) -> bool:
+        return False  # the prompts below write <bos> where PaliGemma expects it (after the image tokens)
+
     def prompt(self, processor, question: str, with_image: bool) -> str:
         if with_image:  # the processor adds <bos> after the image tokens and the final "\n"
             return processor.image_token + question
@@ -174,12 +216,29 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
     QwenVLAdapter("qwen2_vl", ("qwen2_vl", "qwen2_5_vl")),
     FamilyAdapter("idefics3", ("idefics3", "smolvlm")),
     PaliGemmaAdapter("paligemma", ("paligemma",)),
+    FamilyAdapter("llava_next", ("llava_next",)),
+    FamilyAdapter("aya_vision", ("aya_vision",)),
+    FamilyAdapter("internvl", ("internvl",)),
+    FamilyAdapter("idefics2", ("idefics2",)),
+    FamilyAdapter("gemma3", ("gemma3",)),
+    QwenVLAdapter("qwen3_vl", ("qwen3_vl",)),
 )
+
+
+# Families whose architecture has no place for ViFT's fusion, and why (checked before anything runs).
+UNSUPPORTED = {
+    "mllama": "Mllama (Llama 3.2 Vision) reads the image through cross-attention layers, not as image tokens "
+    "in the prompt: there are no image-conditioned hidden states of the question for the text-only ones to be "
+    "fused with, and its cross-attention layers do not run on a text-only prompt. Use a family that places "
+    "image tokens in the sequence (LLaVA, Qwen2-VL, Idefics3, ...)",
+}
 
 
 def adapter_for(model_or_type) -> FamilyAdapter:
     """The adapter for a model (or a ``model_type`` string); a clear error for unsupported ones."""
     model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
+    if model_type in UNSUPPORTED:
+        raise UserError(f"model family {model_type!r} cannot be fused: {UNSUPPORTED[model_type]}", exit_code=2)
     for family in FAMILIES:
         if model_type in family.model_types:
             return family

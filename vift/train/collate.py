@@ -11,6 +11,7 @@ from PIL import Image
 
 from vift.data.manifests import IMAGE_TOKEN, ConversationRecord, load_rgb
 from vift.errors import UserError
+from vift.model.chat import adds_special_tokens
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -62,12 +63,14 @@ def encode_conversation(processor, record: ConversationRecord, image: Image.Imag
     labels: list[int] = []
     pixel_values = None
     for position, (text, is_target) in enumerate(prompt_pieces(processor, to_messages(record))):
+        # the conversation's start gets the special tokens (BOS) exactly when inference's prompt does
+        special = position == 0 and adds_special_tokens(processor.tokenizer, text)
         if position == 0 and image is not None:
-            encoded = processor(text=text, images=[image], add_special_tokens=False, return_tensors="pt")
+            encoded = processor(text=text, images=[image], add_special_tokens=special, return_tensors="pt")
             pixel_values = encoded["pixel_values"][0]
             piece_ids = encoded["input_ids"][0].tolist()
         else:
-            piece_ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            piece_ids = processor.tokenizer(text, add_special_tokens=special)["input_ids"]
         ids.extend(piece_ids)
         labels.extend(piece_ids if is_target else [IGNORE_INDEX] * len(piece_ids))
     if len(ids) > max_length:
