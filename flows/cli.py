@@ -65,6 +65,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         data=args.data,
         overrides=parse_overrides(args.set or []),
         fractions=args.fractions,
+        seeds=args.seeds,
         push=args.push,
     )
     result = vift_data_efficiency(parameters)
@@ -81,6 +82,13 @@ def _fractions(text: str) -> list[float]:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.25,0.5,1") from None
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -113,6 +121,11 @@ def add_commands(sub, add_params_option) -> None:
     sweep.add_argument("--preset", default="tiny", help="preset name (default tiny)")
     sweep.add_argument("--data", choices=("workspace", "preset"), default="workspace", help="as in `vift flow run --data`")
     sweep.add_argument("--fractions", type=_fractions, default=[0.25, 0.5, 1.0], help="comma-separated shares (default 0.25,0.5,1)")
+    sweep.add_argument(
+        "--seeds", type=_seeds, default=None, metavar="S,S,...",
+        help="train every fraction once per seed (data, base and training seeds), report the mean and the "
+        "across-seed interval (default: the preset's seeds, one run per fraction)",
+    )  # fmt: skip
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key at every point; repeatable")
     sweep.add_argument("--push", action="store_true", help="dvc push each point's outputs")
     sweep.set_defaults(func=cmd_sweep)

@@ -12,6 +12,11 @@ atomically:
 - ``data_efficiency.md``: the table a person reads;
 - ``data_efficiency.png``: accuracy against unique training samples (log scale), intervals as bars.
 
+With seeds (``vift sweep --seeds``), each fraction has one point per seed: the table and the plot
+show the mean over seeds with the across-seed 95 % interval (Student t, n - 1 degrees of freedom:
+how much the result moves when the data and the training are redrawn), each paired comparison says
+in how many seeds its own paired interval lies above or below 0, and a per-seed table follows.
+
 "Training samples" are the distinct records a model was trained on: ViFT sees captions (stage 1
 and the stage-2 mix) and text-only instructions; the baseline sees the same captions and visual
 instructions. Optimizer steps do not change with the fraction (equal compute at every point), so a
@@ -23,6 +28,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +68,9 @@ def _records(summary: dict, split: str, path: Path) -> int:
         raise UserError(f"{path}: summary.mixture.{split}.records missing; rerun the stage with this version of vift") from None
 
 
-def collect_point(workspace: Path, fraction: float) -> dict:
-    """One sweep point from a workspace whose pipeline ran through ``evaluate``."""
+def collect_point(workspace: Path, fraction: float, seed: int | None = None) -> dict:
+    """One sweep point from a workspace whose pipeline ran through ``evaluate`` (``seed``: the
+    replicate's seed, None for the preset's own)."""
     workspace = Path(workspace)
     reports, perception = {}, {}
     for stage in STAGE_REPORTS:
@@ -88,6 +96,7 @@ def collect_point(workspace: Path, fraction: float) -> dict:
     rows = {row: {key: metrics["rows"][row][key] for key in ("accuracy", "ci95", "n")} for row in (*PLOTTED_ROWS, *FLAT_ROWS)}
     return {
         "fraction": fraction,
+        "seed": seed,
         "workspace": str(workspace),
         "samples": samples,
         "captions": captions,
@@ -100,28 +109,120 @@ def collect_point(workspace: Path, fraction: float) -> dict:
 
 
 def summarize(points: list[dict], meta: dict) -> dict:
-    points = sorted(points, key=lambda p: p["fraction"])
+    points = sorted(points, key=lambda p: (p["fraction"], -1 if p.get("seed") is None else p["seed"]))
     if not points:
         raise UserError("the sweep has no points: give at least one fraction")
-    return {"meta": meta, "points": points}
+    summary = {"meta": meta, "points": points}
+    if any(p.get("seed") is not None for p in points):
+        summary["across_seeds"] = [across_seeds([p for p in points if p["fraction"] == f]) for f in _fractions(points)]
+    return summary
+
+
+def _fractions(points: list[dict]) -> list[float]:
+    return sorted({p["fraction"] for p in points})
+
+
+def mean_interval(values: list[float]) -> list[float]:
+    """The 95 % Student-t interval of the mean of ``values`` (one value: the value itself)."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return [mean, mean]
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return [mean - half, mean + half]
+
+
+def across_seeds(points: list[dict]) -> dict:
+    """One fraction's points (one per seed): each row's mean accuracy and across-seed interval, and
+    per paired comparison the mean difference, its across-seed interval, and in how many seeds the
+    seed's own paired interval lies above / below 0."""
+    rows = {}
+    for row in (*PLOTTED_ROWS, *FLAT_ROWS):
+        values = [p["rows"][row]["accuracy"] for p in points]
+        low, high = mean_interval(values)
+        rows[row] = {
+            "accuracy": statistics.fmean(values),
+            "ci95": [max(0.0, low), min(1.0, high)],
+            "n": sum(p["rows"][row]["n"] for p in points),
+            "per_seed": values,
+        }
+    paired = {}
+    for other in PAIRED_WITH:
+        comparisons = [p["paired"][other] for p in points if (p.get("paired") or {}).get(other)]
+        if not comparisons:
+            paired[other] = None
+            continue
+        differences = [c["difference"] for c in comparisons]
+        above = sum(c["ci95"][0] > 0 for c in comparisons)
+        below = sum(c["ci95"][1] < 0 for c in comparisons)
+        holds = (
+            "above 0 in every seed"
+            if above == len(comparisons)
+            else "below 0 in every seed"
+            if below == len(comparisons)
+            else "not in every seed"
+        )
+        paired[other] = {
+            "difference": statistics.fmean(differences),
+            "ci95": mean_interval(differences),
+            "per_seed": differences,
+            "seeds_above_zero": above,
+            "seeds_below_zero": below,
+            "seeds": len(comparisons),
+            "holds": holds,
+        }
+    return {
+        "fraction": points[0]["fraction"],
+        "seeds": [p.get("seed") for p in points],
+        "samples": points[0]["samples"],
+        "caption_phrase_f1": {
+            stage: None
+            if any(p["caption_phrase_f1"].get(stage) is None for p in points)
+            else statistics.fmean(p["caption_phrase_f1"][stage] for p in points)
+            for stage in points[0].get("caption_phrase_f1", {})
+        },  # fmt: skip
+        "rows": rows,
+        "paired": paired,
+    }
+
+
+def per_fraction(summary: dict) -> list[dict]:
+    """One entry per fraction: the point itself, or with seeds the mean over them (:func:`across_seeds`)."""
+    return summary.get("across_seeds") or summary["points"]
 
 
 def table_csv(summary: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["fraction", "row", "samples", "accuracy", "ci95_low", "ci95_high", "n"])
+    writer.writerow(["fraction", "row", "samples", "accuracy", "ci95_low", "ci95_high", "n", "seed"])
     for point in summary["points"]:
         for row, model in PLOTTED_ROWS.items():
             values = point["rows"][row]
             writer.writerow(
                 [point["fraction"], row, point["samples"][model], f"{values['accuracy']:.6g}",
-                 f"{values['ci95'][0]:.6g}", f"{values['ci95'][1]:.6g}", values["n"]]
+                 f"{values['ci95'][0]:.6g}", f"{values['ci95'][1]:.6g}", values["n"],
+                 "" if point.get("seed") is None else point["seed"]]
             )  # fmt: skip
     return buffer.getvalue()
 
 
+def _cell(values: dict) -> str:
+    return f"{percent(values['accuracy'])} [{percent(values['ci95'][0])}, {percent(values['ci95'][1])}]"
+
+
+def _difference(paired: dict | None) -> str:
+    if not paired:
+        return "n/a"
+    text = f"{100 * paired['difference']:+.1f} [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
+    if "seeds" in paired:  # across seeds: in how many seeds the seed's own paired interval excludes 0
+        text += f" (> 0 in {paired['seeds_above_zero']}/{paired['seeds']}, < 0 in {paired['seeds_below_zero']}/{paired['seeds']})"
+    return text
+
+
 def table_markdown(summary: dict) -> str:
     meta = summary["meta"]
+    seeded = "across_seeds" in summary
     lines = [
         f"# Data efficiency: {meta.get('preset', '?')}",
         "",
@@ -129,27 +230,47 @@ def table_markdown(summary: dict) -> str:
         "(ViFT: captions + text-only instructions; baseline: captions + visual instructions). Optimizer "
         "steps are the same at every fraction.",
         "",
+    ]
+    if seeded:
+        seeds = ", ".join(str(s) for s in meta.get("seeds") or [])
+        lines += [
+            f"Seeds {seeds}: the mean over seeds, with the across-seed 95 % interval (Student t); paired "
+            "differences add in how many seeds the seed's own paired 95 % interval lies above / below 0. "
+            "Each seed redraws the data (its test split too) and every training stage.",
+            "",
+        ]
+    lines += [
         "| fraction | ViFT samples | vift_fused | vift_unfused | question_only | baseline samples | vit_baseline "
         "| fused - vit (paired 95 % CI) | fused - question_only (paired 95 % CI) | caption F1 (caption / text / vit) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for point in summary["points"]:
-        cells = {row: f"{percent(v['accuracy'])} [{percent(v['ci95'][0])}, {percent(v['ci95'][1])}]" for row, v in point["rows"].items()}
-        differences = []
-        for other in PAIRED_WITH:
-            paired = point.get("paired", {}).get(other)
-            differences.append(
-                f"{100 * paired['difference']:+.1f} [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
-                if paired else "n/a"
-            )  # fmt: skip
+    for point in per_fraction(summary):
+        cells = {row: _cell(v) for row, v in point["rows"].items()}
+        differences = [_difference((point.get("paired") or {}).get(other)) for other in PAIRED_WITH]
         lines.append(
             f"| {point['fraction']:g} | {point['samples']['vift']} | {cells['vift_fused']} | {cells['vift_unfused']} | "
             f"{cells['question_only']} | {point['samples']['vit']} | {cells['vit_baseline']} | {' | '.join(differences)} | "
             + " / ".join("n/a" if f is None else f"{f:.2f}" for f in point.get("caption_phrase_f1", {}).values())
             + " |"
         )
-    majority = summary["points"][-1]["rows"]["majority_per_type"]["accuracy"]
+    majority = per_fraction(summary)[-1]["rows"]["majority_per_type"]["accuracy"]
     lines += ["", f"majority_per_type (no training data): {percent(majority)} %.", ""]
+    if seeded:
+        lines += [
+            "## Each seed",
+            "",
+            "| fraction | seed | vift_fused | vift_unfused | question_only | vit_baseline | majority_per_type "
+            "| fused - vit (paired 95 % CI) | fused - question_only (paired 95 % CI) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for point in summary["points"]:
+            cells = {row: _cell(v) for row, v in point["rows"].items()}
+            differences = [_difference((point.get("paired") or {}).get(other)) for other in PAIRED_WITH]
+            lines.append(
+                f"| {point['fraction']:g} | {point.get('seed')} | {cells['vift_fused']} | {cells['vift_unfused']} | "
+                f"{cells['question_only']} | {cells['vit_baseline']} | {cells['majority_per_type']} | {' | '.join(differences)} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -161,14 +282,15 @@ def plot(summary: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     styles = {"vift_fused": "o-", "vift_unfused": "s--", "question_only": "^:", "vit_baseline": "D-"}
+    points = per_fraction(summary)  # with seeds: their mean and across-seed interval
     for row, model in PLOTTED_ROWS.items():
-        xs = [p["samples"][model] for p in summary["points"]]
-        ys = [p["rows"][row]["accuracy"] for p in summary["points"]]
-        low = [y - p["rows"][row]["ci95"][0] for y, p in zip(ys, summary["points"])]
-        high = [p["rows"][row]["ci95"][1] - y for y, p in zip(ys, summary["points"])]
+        xs = [p["samples"][model] for p in points]
+        ys = [p["rows"][row]["accuracy"] for p in points]
+        low = [max(0.0, y - p["rows"][row]["ci95"][0]) for y, p in zip(ys, points)]
+        high = [max(0.0, p["rows"][row]["ci95"][1] - y) for y, p in zip(ys, points)]
         axis.errorbar(xs, ys, yerr=[low, high], fmt=styles[row], capsize=3, label=row)
     for row in FLAT_ROWS:
-        axis.axhline(summary["points"][-1]["rows"][row]["accuracy"], color="grey", linewidth=0.8, linestyle="-.", label=row)
+        axis.axhline(points[-1]["rows"][row]["accuracy"], color="grey", linewidth=0.8, linestyle="-.", label=row)
     axis.set_xscale("log", base=2)
     ticks = sorted({p["samples"][model] for p in summary["points"] for model in set(PLOTTED_ROWS.values())})
     axis.set_xticks(ticks, [f"{t:,}" for t in ticks])
@@ -176,7 +298,9 @@ def plot(summary: dict, path: Path) -> None:
     axis.set_xlabel("distinct training samples (captions + instructions)")
     axis.set_ylabel("test accuracy")
     axis.set_ylim(0, 1)
-    axis.set_title(f"Data efficiency ({summary['meta'].get('preset', '?')}), equal optimizer steps")
+    seeds = summary["meta"].get("seeds")
+    suffix = f", mean of seeds {', '.join(map(str, seeds))}" if seeds else ""
+    axis.set_title(f"Data efficiency ({summary['meta'].get('preset', '?')}), equal optimizer steps{suffix}")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.savefig(path, dpi=110, bbox_inches="tight")

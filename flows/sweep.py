@@ -1,6 +1,10 @@
 """The ``vift-data-efficiency`` Prefect flow: ViFT and the baseline trained on fractions of the data.
 
-Each fraction is one ``vift-pipeline`` subflow in its own isolated workspace (``isolate``), run up
+With ``seeds``, every fraction is trained once per seed (all of :data:`SEED_KEYS` set to it: the
+data generator, the pretraining and every training stage), and the table reports the mean and the
+across-seed interval, and whether each paired comparison holds in every seed.
+
+Each point (a fraction, and a seed when seeds are given) is one ``vift-pipeline`` subflow in its own isolated workspace (``isolate``), run up
 to ``evaluate`` with ``train.data_fraction`` set: the stages run through DVC as always, so ``data``
 and ``base`` come from the shared cache after the first point, a point that finished before is
 skipped, and the 100 % point is the same workspace as a plain isolated pipeline run of the same
@@ -29,6 +33,10 @@ from vift import paths
 from vift.errors import UserError
 
 FRACTION_KEY = "train.data_fraction"
+# Every seed a replicate changes: the data (its test split included: a data seed is a new draw of the
+# world, never a choice made on the test split), the base model, the three training stages. Not
+# eval.seed: that one seeds the bootstrap of the intervals, the same for every replicate.
+SEED_KEYS = ("seed", "data.seed", "train.caption.seed", "train.text.seed", "train.vit.seed")
 SWEEPS_DIR = paths.REPORTS_DIR / "sweeps"
 
 
@@ -41,6 +49,9 @@ class SweepParameters(BaseModel):
     data: DataChoice = Field("workspace", description=DATA_HELP)
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied at every fraction")
     fractions: list[float] = Field([0.25, 0.5, 1.0], description="shares of the caption and instruction records, each in (0, 1]")
+    seeds: list[int] | None = Field(
+        None, description=f"replicates: each fraction once per seed ({', '.join(SEED_KEYS)} set to it); none: the preset's seeds"
+    )
     push: bool = Field(False, description="dvc push each point's outputs")
     workspace: str = Field(".", description="the repository whose isolated copies run the points")
 
@@ -56,19 +67,39 @@ class SweepParameters(BaseModel):
             raise ValueError(f"fractions repeat: {fractions}")
         return sorted(fractions)
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_are_distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is None:
+            return None
+        if not seeds:
+            raise ValueError("give at least one seed (or none at all for the preset's own)")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}")
+        if any(seed < 0 for seed in seeds):
+            raise ValueError(f"seeds must be >= 0; got {seeds}")
+        return sorted(seeds)
+
     @model_validator(mode="after")
     def _points_are_valid(self) -> SweepParameters:
         if FRACTION_KEY in self.overrides:
             raise ValueError(f"overrides.{FRACTION_KEY}: the sweep sets it per point; list the values in fractions")
-        for fraction in self.fractions:
-            self.point(fraction)  # every point's parameters validate before any work
+        if self.seeds is not None and (clash := sorted(set(SEED_KEYS) & set(self.overrides))):
+            raise ValueError(f"overrides {', '.join(clash)}: the sweep sets every seed per point; list the values in seeds")
+        for fraction, seed in self.points():
+            self.point(fraction, seed)  # every point's parameters validate before any work
         return self
 
-    def point(self, fraction: float) -> PipelineParameters:
+    def points(self) -> list[tuple[float, int | None]]:
+        """``(fraction, seed)`` of every point, fraction-major; seed None: the preset's own."""
+        return [(fraction, seed) for fraction in self.fractions for seed in (self.seeds or [None])]
+
+    def point(self, fraction: float, seed: int | None = None) -> PipelineParameters:
+        seeded = {} if seed is None else dict.fromkeys(SEED_KEYS, seed)
         return PipelineParameters(
             preset=self.preset,
             data=self.data,
-            overrides={**self.overrides, FRACTION_KEY: fraction},
+            overrides={**self.overrides, **seeded, FRACTION_KEY: fraction},
             isolate=True,
             push=self.push,
             workspace=self.workspace,
@@ -78,7 +109,16 @@ class SweepParameters(BaseModel):
     def name(self) -> str:
         base = self.point(self.fractions[-1]).effective().model_dump(mode="json")
         base["train"].pop("data_fraction")
-        text = json.dumps({"params": base, "fractions": self.fractions}, sort_keys=True)
+        identity = {"params": base, "fractions": self.fractions}
+        if self.seeds is not None:
+            identity["seeds"] = self.seeds  # the points set them: the preset's values do not matter
+            for key in SEED_KEYS:
+                *parents, leaf = key.split(".")
+                section = base
+                for parent in parents:
+                    section = section[parent]
+                section.pop(leaf)
+        text = json.dumps(identity, sort_keys=True)
         return f"data-efficiency-{self.preset}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
@@ -89,8 +129,8 @@ def sweep_run_name() -> str:
 
 
 @task(name="collect sweep", task_run_name="collect {name}")
-def collect(points: list[tuple[float, str]], meta: dict, out_dir: str, name: str) -> dict:
-    summary = efficiency.summarize([efficiency.collect_point(Path(w), f) for f, w in points], meta)
+def collect(points: list[tuple[float, int | None, str]], meta: dict, out_dir: str, name: str) -> dict:
+    summary = efficiency.summarize([efficiency.collect_point(Path(w), f, s) for f, s, w in points], meta)
     efficiency.write_outputs(summary, Path(out_dir))
     return summary
 
@@ -118,10 +158,16 @@ def track(summary: dict, out_dir: str, name: str, experiment: str, root: str) ->
             meta = summary["meta"]
             client.log_param(run_id, "preset", meta["preset"])
             client.log_param(run_id, "fractions", json.dumps(meta["fractions"]))
+            client.log_param(run_id, "seeds", json.dumps(meta.get("seeds")))
             client.log_param(run_id, "overrides", json.dumps(meta["overrides"], sort_keys=True)[:6000])
-            for point in summary["points"]:
+            for point in efficiency.per_fraction(summary):  # with seeds: their mean; each seed's under its own key
                 for row, model in efficiency.PLOTTED_ROWS.items():
                     client.log_metric(run_id, f"{row}.accuracy", point["rows"][row]["accuracy"], step=point["samples"][model])
+            for point in summary["points"]:
+                if point.get("seed") is not None:
+                    for row, model in efficiency.PLOTTED_ROWS.items():
+                        accuracy = point["rows"][row]["accuracy"]
+                        client.log_metric(run_id, f"{row}.accuracy.seed{point['seed']}", accuracy, step=point["samples"][model])
             client.log_artifacts(run_id, out_dir, artifact_path="data_efficiency")
             client.set_terminated(run_id)
     except UserError as error:
@@ -141,14 +187,17 @@ def vift_data_efficiency(parameters: SweepParameters = SweepParameters()) -> dic
     name = parameters.name()
     root = Path(parameters.workspace).resolve()
     points = []
-    for fraction in parameters.fractions:
-        logger.info("sweep point: %s = %g", FRACTION_KEY, fraction)
-        result = vift_pipeline(parameters.point(fraction))
-        points.append((fraction, result["workspace"]))
-    meta = {"name": name, "preset": parameters.preset, "fractions": parameters.fractions, "overrides": parameters.overrides}
+    for fraction, seed in parameters.points():
+        logger.info("sweep point: %s = %g%s", FRACTION_KEY, fraction, "" if seed is None else f", seed {seed}")
+        result = vift_pipeline(parameters.point(fraction, seed))
+        points.append((fraction, seed, result["workspace"]))
+    meta = {
+        "name": name, "preset": parameters.preset, "fractions": parameters.fractions, "seeds": parameters.seeds,
+        "overrides": parameters.overrides,
+    }  # fmt: skip
     out_dir = root / SWEEPS_DIR / name
     summary = collect(points, meta, str(out_dir), name)
-    experiment = parameters.point(parameters.fractions[-1]).effective().registry.experiment
+    experiment = parameters.point(*parameters.points()[-1]).effective().registry.experiment
     run_id = track(summary, str(out_dir), name, experiment, str(root))
     create_markdown_artifact(
         key="data-efficiency", markdown=efficiency.table_markdown(summary), description="accuracy against training samples"
@@ -156,10 +205,19 @@ def vift_data_efficiency(parameters: SweepParameters = SweepParameters()) -> dic
     create_table_artifact(
         key="data-efficiency-points",
         table=[
-            {"fraction": p["fraction"], "row": row, "samples": p["samples"][model], "accuracy": round(p["rows"][row]["accuracy"], 4)}
+            {
+                "fraction": p["fraction"],
+                "seed": p.get("seed"),
+                "row": row,
+                "samples": p["samples"][model],
+                "accuracy": round(p["rows"][row]["accuracy"], 4),
+            }
             for p in summary["points"]
             for row, model in efficiency.PLOTTED_ROWS.items()
         ],  # fmt: skip
-        description="one line per fraction and row",
+        description="one line per point (fraction, seed) and row",
     )
-    return {"out": str(out_dir), "mlflow_run_id": run_id, "points": [{"fraction": f, "workspace": w} for f, w in points]}
+    return {
+        "out": str(out_dir), "mlflow_run_id": run_id,
+        "points": [{"fraction": f, "seed": s, "workspace": w} for f, s, w in points],
+    }  # fmt: skip

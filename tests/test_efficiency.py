@@ -95,3 +95,53 @@ def test_failed_writing_leaves_no_output_directory(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         efficiency.write_outputs(summary, tmp_path / "sweep")
     assert not (tmp_path / "sweep").exists() and not list(tmp_path.glob(".sweep*"))
+
+
+def seeded_point(tmp_path: Path, seed: int, fused: float, question_only: float, paired_ci: tuple[float, float]) -> dict:
+    acc = {**accuracies(fused, 0.5), "question_only": question_only}
+    workspace = write_point(tmp_path / f"seed{seed}", 1.0, 120, 120, acc)
+    metrics = json.loads((workspace / "reports" / "metrics.json").read_text())
+    metrics["paired"]["vift_fused_vs_question_only"]["ci95"] = list(paired_ci)
+    (workspace / "reports" / "metrics.json").write_text(json.dumps(metrics))
+    return efficiency.collect_point(workspace, 1.0, seed)
+
+
+def test_seeds_give_the_mean_the_across_seed_t_interval_and_how_many_seeds_agree(tmp_path):
+    from scipy import stats
+
+    points = [
+        seeded_point(tmp_path, 2, 0.46, 0.44, (0.01, 0.03)),
+        seeded_point(tmp_path, 0, 0.40, 0.44, (-0.06, -0.02)),
+        seeded_point(tmp_path, 1, 0.43, 0.44, (-0.03, 0.01)),
+    ]
+    summary = efficiency.summarize(points, {"preset": "ci", "fractions": [1.0], "seeds": [0, 1, 2], "overrides": {}})
+    assert [p["seed"] for p in summary["points"]] == [0, 1, 2]
+    (fraction,) = summary["across_seeds"]
+    fused = fraction["rows"]["vift_fused"]
+    assert fused["accuracy"] == pytest.approx(0.43) and fused["per_seed"] == [0.40, 0.43, 0.46] and fused["n"] == 300
+    low, high = stats.t.interval(0.95, 2, loc=0.43, scale=stats.sem([0.40, 0.43, 0.46]))
+    assert fused["ci95"] == pytest.approx([low, high])
+    paired = fraction["paired"]["question_only"]
+    assert paired["per_seed"] == pytest.approx([-0.04, -0.01, 0.02]) and paired["difference"] == pytest.approx(-0.01)
+    assert (paired["seeds_above_zero"], paired["seeds_below_zero"], paired["holds"]) == (1, 1, "not in every seed")
+    assert fraction["paired"]["vit_baseline"]["holds"] == "not in every seed"  # every seed's interval is [-0.1, 0.1]
+    out = efficiency.write_outputs(summary, tmp_path / "sweep")
+    table = (out / "data_efficiency.md").read_text()
+    assert "Seeds 0, 1, 2" in table and "## Each seed" in table and "(> 0 in 1/3, < 0 in 1/3)" in table
+    assert f"43.0 [{100 * low:.1f}, {100 * high:.1f}]" in table
+    lines = list(csv.DictReader((out / "data_efficiency.csv").open()))
+    assert [line["seed"] for line in lines[:: len(efficiency.PLOTTED_ROWS)]] == ["0", "1", "2"]
+
+
+def test_a_comparison_that_holds_in_every_seed_says_so(tmp_path):
+    points = [seeded_point(tmp_path, s, 0.5, 0.4, (0.02, 0.18)) for s in (0, 1)]
+    (fraction,) = efficiency.summarize(points, {"preset": "ci", "fractions": [1.0], "seeds": [0, 1]})["across_seeds"]
+    assert fraction["paired"]["question_only"]["holds"] == "above 0 in every seed"
+    assert fraction["rows"]["vift_fused"]["ci95"] == pytest.approx([0.5, 0.5])  # no spread: a zero-width interval
+
+
+def test_without_seeds_the_summary_has_no_across_seed_part(tmp_path):
+    point = efficiency.collect_point(write_point(tmp_path / "p", 1.0, 30, 30, accuracies(0.4, 0.5)), 1.0)
+    summary = efficiency.summarize([point], {"preset": "ci", "fractions": [1.0], "overrides": {}})
+    assert "across_seeds" not in summary and efficiency.per_fraction(summary) == summary["points"]
+    assert "Each seed" not in efficiency.table_markdown(summary)

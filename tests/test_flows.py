@@ -117,3 +117,45 @@ def test_the_flow_keeps_the_workspace_import_unless_told_to_use_the_preset_data(
     replaced = PipelineParameters(preset="ci", data="preset", workspace=str(tmp_path))
     assert replaced.effective().data == load_preset("ci").data and replaced.name().startswith("ci-shapetally-")
     assert PipelineParameters(preset="ci", workspace=str(tmp_path / "elsewhere")).effective().data.source == "shapetally"
+
+
+def test_seeded_sweep_points_set_every_seed_and_keep_the_unseeded_names():
+    from flows.sweep import SEED_KEYS
+
+    sweep = SweepParameters(preset="ci", fractions=[0.5, 1.0], seeds=[2, 1])
+    assert sweep.seeds == [1, 2] and sweep.points() == [(0.5, 1), (0.5, 2), (1.0, 1), (1.0, 2)]
+    effective = sweep.point(0.5, 2).effective()
+    assert (effective.seed, effective.data.seed, effective.train.caption.seed, effective.train.text.seed, effective.train.vit.seed) == (
+        2,
+    ) * 5
+    assert effective.eval.seed == PipelineParameters(preset="ci").effective().eval.seed  # the bootstrap's seed stays
+    # the seed-1, 100 % point is the workspace of a plain isolated run with those seeds
+    assert sweep.point(1.0, 1).digest() == PipelineParameters(preset="ci", overrides=dict.fromkeys(SEED_KEYS, 1)).digest()
+    assert sweep.name() != SweepParameters(preset="ci", fractions=[0.5, 1.0], seeds=[1, 3]).name()
+    unseeded = SweepParameters(preset="ci", fractions=[0.5, 1.0])
+    assert unseeded.points() == [(0.5, None), (1.0, None)] and unseeded.point(1.0).digest() == PipelineParameters(preset="ci").digest()
+
+
+def test_every_training_seed_of_the_parameters_is_a_seed_key():
+    from flows.sweep import SEED_KEYS
+
+    params = PipelineParameters(preset="ci").effective().model_dump()
+
+    def seeds(section, prefix=""):
+        for key, value in section.items():
+            if isinstance(value, dict):
+                yield from seeds(value, f"{prefix}{key}.")
+            elif key == "seed":
+                yield f"{prefix}{key}"
+
+    assert set(seeds(params)) - {"eval.seed"} == set(SEED_KEYS)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"seeds": []}, "at least one seed"), ({"seeds": [1, 1]}, "seeds repeat"), ({"seeds": [-1]}, ">= 0"),
+     ({"seeds": [0, 1], "overrides": {"data.seed": 3}}, "overrides data.seed: the sweep sets every seed")],
+)  # fmt: skip
+def test_invalid_seed_lists_are_rejected_before_any_work(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SweepParameters(preset="ci", **fields)
