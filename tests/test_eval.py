@@ -102,6 +102,26 @@ def test_calibration_search_stays_in_budget_and_never_loses_to_no_fusion(tiny_lv
     assert any(row["accuracy"] == best and all(row[k] == chosen[k] for k in chosen) for row in result["search"])
 
 
+def test_the_capture_cache_cap_is_checked_before_capturing_the_first_batch_too(tiny_lvlm, ci_data):
+    """Before, the first batch was captured whatever its size (~5 GB at 7B, batch 32)."""
+    from vift.fusion.calibrate import capture_bytes
+    from vift.fusion.method import FusionSpec
+
+    model, processor = tiny_lvlm
+    records = list(Manifest(ci_data / "calibration.jsonl", "vqa"))[:8]
+    images = [Image.open(ci_data / r.image).convert("RGB") for r in records]
+    everything = Calibrator(model, processor, records, images, batch_size=4, max_new_tokens=3)
+    first = everything.batches[0]
+    measured = sum(t.numel() * t.element_size() for group in first.states for t in group)
+    assert capture_bytes(model, first.image_inputs, first.text_inputs, everything.num_layers) == measured  # exact
+    none = Calibrator(model, processor, records, images, batch_size=4, max_new_tokens=3, max_cache_bytes=measured - 1)
+    assert [b.states is None for b in none.batches] == [True, True]
+    one = Calibrator(model, processor, records, images, batch_size=4, max_new_tokens=3, max_cache_bytes=measured)
+    assert [b.states is None for b in one.batches] == [False, True]
+    spec = FusionSpec(mode="additive", a=0.5, b=0.25)
+    assert none.correct(spec) == one.correct(spec) == everything.correct(spec)  # the same answers, cached or not
+
+
 def test_gold_answer_log_likelihood_equals_a_teacher_forced_forward_pass(tiny_lvlm, ci_data):
     """The calibration tie-break: mean log p(answer + end-of-turn | image, question), finite."""
     from vift.fusion.families import adapter_for

@@ -70,8 +70,17 @@ def candidate_ranges(num_layers: int, given: Sequence[tuple[int, int]] | None) -
     return list(dict.fromkeys((s, e) for s, e in spread if 0 <= s < e <= n))
 
 
+def capture_bytes(model, image_inputs: dict, text_inputs: dict, num_layers: int) -> int:
+    """What capturing both prompts' inputs of ``num_layers`` decoder layers holds, before capturing
+    it: one hidden-size vector of the model's dtype per layer and token, padding included."""
+    hidden = model.config.get_text_config().hidden_size
+    tokens = image_inputs["input_ids"].numel() + text_inputs["input_ids"].numel()
+    return num_layers * tokens * hidden * model.dtype.itemsize
+
+
 class Calibrator:
-    """Evaluates fusion configurations on calibration records, with cached captures."""
+    """Evaluates fusion configurations on calibration records, with cached captures (at most
+    ``max_cache_bytes`` of them: batches past the cap are captured again for every configuration)."""
 
     def __init__(self, model, processor, records, images, batch_size: int, max_new_tokens: int, max_cache_bytes: int = 2 << 30):
         self.model = model
@@ -87,9 +96,10 @@ class Calibrator:
             image_inputs = adapter.image_inputs(processor, images[begin : begin + batch_size], questions, model.device)
             text_inputs = adapter.text_inputs(processor, questions, model.device)
             states = None
-            if cached < max_cache_bytes:
+            needed = capture_bytes(model, image_inputs, text_inputs, self.num_layers)
+            if cached + needed <= max_cache_bytes:  # checked before capturing: the cap holds for the first batch too
                 states = capture_states(model, image_inputs, text_inputs, 0, self.num_layers)
-                cached += sum(t.numel() * t.element_size() for group in states for t in group)
+                cached += needed
             self.batches.append(_Batch(image_inputs, text_inputs, list(chunk), states))
 
     def _states(self, batch: _Batch, spec: FusionSpec):
