@@ -1,13 +1,15 @@
 """Guards on the verdict-critical code: each test pins one behaviour that a one-line bug would break.
 
 Statistics (Wilson interval, paired bootstrap, the verdict rule), answer scoring, the calibration
-tie-break and its reuse of captured states, the fusion formula and its hooks, the image-root check
-and the ablation's controls. Stubs and exact values where possible; the tiny LLaVA where the
-behaviour lives in a real forward pass.
+tie-break and its reuse of captured states, the fusion formula and its hooks, the fused positions,
+the entry points that run the fusion and the served mode (``fused_generate``, ``answer``), reading
+``models/fusion.json``, the image-root check and the ablation's controls. Stubs and exact values
+where possible; the tiny LLaVA where the behaviour lives in a real forward pass.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,13 @@ from scipy import stats as scipy_stats
 from tests.conftest import widened
 from vift.config.schema import CalibrationParams
 from vift.data.manifests import Manifest, VQARecord, resolve_image
+from vift.errors import UserError
 from vift.eval.ablation import run_ablation, summarise
 from vift.fusion.calibrate import Calibrator, search
 from vift.fusion.families import adapter_for
 from vift.fusion.hooks import PrefillEditor, capture_layer_inputs
-from vift.fusion.method import NEUTRAL, FusionSpec, align_right, capture_states, fused_positions, steered_generate
+from vift.fusion.method import NEUTRAL, FusionSpec, align_right, capture_states, fused_generate, fused_positions, steered_generate
+from vift.fusion.modes import FusionFile, Prompts, answer
 from vift.model.loading import decoder_layers
 from vift.registry import gate
 from vift.scoring.answers import score_answer
@@ -540,3 +544,254 @@ def test_on_a_real_model_where_fusion_cannot_help_calibration_refuses_the_noise_
     checked = search(calibrator, params)
     assert checked["calibration"]["chosen_is_neutral"] is True and checked["calibration"]["best_versus_neutral"]["kept_neutral"] is True
     assert checked["fusion"]["a"] == checked["fusion"]["b"] == 0.0
+
+
+# --- fused positions and the layer range ------------------------------------------------------
+
+
+def _positions(image_rows: list[list[int]], text_rows: list[list[int]], positions: str) -> torch.Tensor:
+    """``fused_positions`` on left-padded token rows; 0 is padding."""
+    image_ids, text_ids = torch.tensor(image_rows), torch.tensor(text_rows)
+    return fused_positions(image_ids, (image_ids != 0).long(), text_ids, (text_ids != 0).long(), positions)
+
+
+def test_text_prompt_positions_may_cover_the_whole_image_prompt_and_are_bounded_per_sample():
+    assert _positions([[5, 6, 7]], [[8, 6, 7]], "text_prompt").tolist() == [[True, True, True]]
+    # Sample 0's text prompt (3 tokens) is longer than its image prompt (2); the batch has 6 image tokens.
+    with pytest.raises(ValueError, match="^text-only prompt longer than the image prompt: text_prompt positions undefined$"):
+        _positions([[0, 0, 5, 6], [1, 2, 3, 4]], [[7, 5, 6], [0, 0, 4]], "text_prompt")
+
+
+def test_question_positions_need_one_shared_final_token_and_one_is_enough():
+    assert _positions([[4, 5, 9]], [[6, 7, 9]], "question").tolist() == [[False, False, True]]
+    with pytest.raises(ValueError, match="^a text-only prompt shares no final tokens with its image prompt$"):
+        _positions([[4, 5, 9], [4, 5, 9]], [[6, 7, 9], [6, 7, 8]], "question")
+
+
+def test_fused_positions_are_built_on_the_inputs_device_not_the_default_one():
+    """On a GPU the prompts live on the model's device, and the position index must follow them.
+    Here the default device is "meta" (no data): an index built there cannot be compared or read."""
+    image_ids, text_ids = torch.tensor([[1, 2, 5, 6, 7]]), torch.tensor([[3, 5, 6, 7]])
+    image_mask, text_mask = torch.ones_like(image_ids), torch.ones_like(text_ids)
+    with torch.device("meta"):
+        mask = fused_positions(image_ids, image_mask, text_ids, text_mask, "question")
+    assert mask.device == image_ids.device and mask.tolist() == [[False, False, True, True, True]]
+
+
+def test_an_empty_layer_range_is_refused():
+    assert FusionSpec(layer_start=3).layer_range(4) == (3, 4)
+    with pytest.raises(ValueError, match=r"^fusion layers \[2, 2\) outside the model's 4 decoder layers$"):
+        FusionSpec(layer_start=2, layer_end=2).layer_range(4)
+
+
+# --- fused_generate: batching, defaults, which path runs --------------------------------------
+
+
+class _StubLVLM:
+    """Model, processor and family adapter in one, recording what ``fused_generate`` asks of them.
+
+    Every prompt is three tokens; generating appends token 7 (" seven ") and the end-of-sequence
+    token 2, which decoding drops only with ``skip_special_tokens``."""
+
+    device = "the-models-device"
+
+    def __init__(self):
+        self.inputs: list[tuple] = []  # (kind, images, questions, device) per adapter call
+        self.generated: list[tuple] = []  # (batch size, generate kwargs) per plain generate
+        self.steered: list[tuple] = []  # (spec, text inputs, generate kwargs) per steered generate
+
+    @staticmethod
+    def prompt(questions) -> dict:
+        ids = torch.ones(len(questions), 3, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    @staticmethod
+    def answer(input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([input_ids, torch.tensor([[7, 2]] * len(input_ids))], dim=1)
+
+    def image_inputs(self, processor, images, questions, device) -> dict:
+        self.inputs.append(("image", list(images), list(questions), device))
+        return self.prompt(questions)
+
+    def text_inputs(self, processor, questions, device) -> dict:
+        self.inputs.append(("text", None, list(questions), device))
+        return self.prompt(questions)
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.generated.append((len(input_ids), kwargs))
+        return self.answer(input_ids)
+
+    def batch_decode(self, tokens, skip_special_tokens=False) -> list[str]:
+        words = {1: "<prompt>", 7: " seven ", 2: "" if skip_special_tokens else "</s>"}
+        return ["".join(words[t] for t in row.tolist()) for row in tokens]
+
+
+@pytest.fixture
+def stub(monkeypatch) -> _StubLVLM:
+    stub = _StubLVLM()
+    monkeypatch.setattr("vift.fusion.families.adapter_for", lambda model: stub)
+
+    def steered(model, image_inputs, text_inputs, spec, **kwargs):
+        stub.steered.append((spec, text_inputs, kwargs))
+        return stub.answer(image_inputs["input_ids"])
+
+    monkeypatch.setattr("vift.fusion.method.steered_generate", steered)
+    return stub
+
+
+def test_fused_generate_batches_by_16_greedily_on_the_models_device_and_returns_the_decoded_new_tokens(stub):
+    questions = [f"q{i}" for i in range(17)]
+    assert fused_generate(stub, stub, list(range(17)), questions, None, max_new_tokens=2) == ["seven"] * 17
+    greedy = {"do_sample": False, "max_new_tokens": 2}
+    assert stub.generated == [(16, greedy), (1, greedy)]
+    assert stub.inputs == [
+        ("image", list(range(16)), questions[:16], "the-models-device"),
+        ("image", [16], questions[16:], "the-models-device"),
+    ]
+    fused_generate(stub, stub, [0], ["q"], None, do_sample=True, top_k=3)  # a caller's choice is kept
+    assert stub.generated[-1] == (1, {"do_sample": True, "top_k": 3})
+
+
+def test_fused_generate_without_images_asks_the_text_prompts_and_refuses_a_real_fusion(stub):
+    assert fused_generate(stub, stub, None, ["q"], FusionSpec(a=0.0, b=0.0), max_new_tokens=1) == ["seven"]
+    assert stub.inputs == [("text", None, ["q"], "the-models-device")] and stub.steered == []
+    with pytest.raises(ValueError, match=r"^fusion needs images: it fuses text-only states into the image\+question pass$"):
+        fused_generate(stub, stub, None, ["q"], FusionSpec(a=0.5))
+
+
+def test_fused_generate_runs_a_neutral_fusion_as_the_plain_model_and_a_real_one_steered(stub):
+    fused_generate(stub, stub, ["image"], ["q"], FusionSpec(mode="replace", w_vis=1.0, w_text=0.0), max_new_tokens=1)
+    assert stub.generated == [(1, {"do_sample": False, "max_new_tokens": 1})] and stub.steered == []
+    spec = FusionSpec(a=0.5)
+    assert fused_generate(stub, stub, ["image"], ["q"], spec, max_new_tokens=1) == ["seven"]
+    ((used, text_inputs, kwargs),) = stub.steered
+    assert used is spec and kwargs == {"do_sample": False, "max_new_tokens": 1} and text_inputs["input_ids"].shape == (1, 3)
+    assert stub.inputs[1:] == [("image", ["image"], ["q"], "the-models-device"), ("text", None, ["q"], "the-models-device")]
+
+
+# --- answer: each mode's calls ----------------------------------------------------------------
+
+
+@pytest.fixture
+def generate_calls(monkeypatch) -> list[dict]:
+    """``fused_generate`` as ``vift.fusion.modes`` calls it, recorded; call k answers question i with "k:i"."""
+    calls: list[dict] = []
+
+    def spy(model, processor, images, questions, fusion, **kwargs):
+        calls.append({"model": model, "processor": processor, "images": images, "questions": list(questions), "fusion": fusion, **kwargs})
+        return [f"{len(calls)}:{i}" for i in range(len(questions))]
+
+    monkeypatch.setattr("vift.fusion.modes.fused_generate", spy)
+    return calls
+
+
+def test_describe_then_answer_captions_each_image_then_asks_over_the_caption_with_the_served_prompts(generate_calls):
+    prompts = Prompts(describe="Caption it.", over_description="[{description}] {question}")
+    got = answer("model", "processor", ["image0", "image1"], ["q0", "q1"], "describe_then_answer", FusionSpec(a=0.5), 3, 5, prompts)
+    assert got == ["2:0", "2:1"]
+    common = {"model": "model", "processor": "processor", "fusion": None, "batch_size": 3}
+    assert generate_calls == [
+        {**common, "images": ["image0", "image1"], "questions": ["Caption it."] * 2, "max_new_tokens": 64},
+        {**common, "images": None, "questions": ["[1:0] q0", "[1:1] q1"], "max_new_tokens": 5},
+    ]
+
+
+@pytest.mark.parametrize("mode", ["fused", "plain"])
+def test_answer_in_fused_or_plain_mode_is_one_call_with_the_fusion_only_when_fused(generate_calls, mode):
+    spec = FusionSpec(a=0.5)
+    assert answer("model", "processor", ["image0"], ["q0"], mode, spec, batch_size=3, max_new_tokens=5) == ["1:0"]
+    fusion = spec if mode == "fused" else None
+    assert generate_calls == [
+        {
+            "model": "model",
+            "processor": "processor",
+            "images": ["image0"],
+            "questions": ["q0"],
+            "fusion": fusion,
+            "batch_size": 3,
+            "max_new_tokens": 5,
+        }
+    ]
+
+
+def test_an_unknown_mode_is_refused_with_the_known_ones(generate_calls):
+    with pytest.raises(ValueError, match=r"^unknown inference mode 'sketch'; one of plain, fused, describe_then_answer$"):
+        answer("model", "processor", ["image0"], ["q0"], "sketch", None, batch_size=1, max_new_tokens=1)
+    assert generate_calls == []
+
+
+# --- models/fusion.json -----------------------------------------------------------------------
+
+
+def _write(path: Path, content) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "{path}: not found; the calibrate stage writes models/fusion.json"),
+        ('{\n  "fusion": {,}\n}', "{path}:2: malformed JSON: Expecting property name enclosed in double quotes"),
+        (b'{"fusion": {"a": "\xff"}}', "{path}: unreadable ('utf-8' codec can't decode byte 0xff in position 18: invalid start byte)"),
+        ([0.5], "{path}: expected a JSON object with a 'fusion' object"),
+        ({"fusion": [0.5]}, "{path}: expected a JSON object with a 'fusion' object"),
+        (
+            {"fusion": {"beta": 2, "alpha": 1}},
+            "{path}: unknown fusion field(s) alpha, beta; known: a, b, layer_end, layer_start, mode, positions, w_text, w_vis",
+        ),
+        (
+            {"fusion": {"a": "lots", "mode": "sideways"}},
+            "{path}: invalid fusion: mode: Input should be 'additive' or 'replace'; a: Input should be a valid number, unable to parse "
+            "string as a number",
+        ),
+        (
+            {"fusion": {"layer_start": 3, "layer_end": 2}},
+            "{path}: invalid fusion: fusion: Value error, layer_end must be greater than layer_start",
+        ),
+        (
+            {"fusion": {"a": 1.0}, "serving": {"prompts": {"style": "terse"}}},
+            "{path}: serving.prompts: Prompts.__init__() got an unexpected keyword argument 'style'",
+        ),
+    ],
+    ids=[
+        "missing",
+        "malformed",
+        "not-utf8",
+        "not-an-object",
+        "fusion-not-an-object",
+        "unknown-fields",
+        "invalid-values",
+        "unordered-layers",
+        "unknown-prompt-field",
+    ],  # fmt: skip
+)
+def test_every_problem_in_fusion_json_is_an_input_error_naming_the_file(tmp_path, content, message):
+    path = _write(tmp_path / "fusion.json", content)
+    with pytest.raises(UserError) as raised:
+        FusionFile.read(path)
+    assert str(raised.value) == message.format(path=path) and raised.value.exit_code == 2
+
+
+def test_fusion_json_gives_the_spec_the_served_mode_and_prompts_and_keeps_the_whole_content(tmp_path):
+    spec = {"mode": "replace", "positions": "text_prompt", "w_vis": 0.5, "w_text": 0.25, "layer_start": 1, "layer_end": 3}
+    prompts = {"describe": "Caption it.", "over_description": "[{description}] {question}"}
+    content = {"fusion": spec, "serving": {"mode": "describe_then_answer", "prompts": prompts}, "calibration": {"evaluated": 9}}
+    read = FusionFile.read(_write(tmp_path / "full.json", content))
+    assert (read.spec, read.mode, read.prompts) == (FusionSpec(**spec), "describe_then_answer", Prompts(**prompts))
+    assert read.content == content and read.prompts.to_dict() == prompts
+    # A bare spec object (`vift eval --fusion` accepts one): the default mode and prompts.
+    bare = FusionFile.read(_write(tmp_path / "bare.json", {"a": 0.5, "layer_start": 1}))
+    assert (bare.spec, bare.mode, bare.prompts, bare.content) == (
+        FusionSpec(a=0.5, layer_start=1),
+        "fused",
+        Prompts(),
+        {"a": 0.5, "layer_start": 1},
+    )
+    # A serving entry that is no object, or names no known mode: the defaults.
+    for serving in ("describe_then_answer", {"mode": "sketch"}, None):
+        odd = FusionFile.read(_write(tmp_path / "odd.json", {"fusion": {"a": 0.5}, "serving": serving}))
+        assert (odd.spec, odd.mode, odd.prompts) == (FusionSpec(a=0.5), "fused", Prompts()), serving
