@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
 
 from vift.errors import UserError
+from vift.fusion import method as fusion_method
 from vift.fusion.families import FAMILIES, adapter_for
 from vift.fusion.method import FusionSpec, align_right, fused_generate, fused_positions, steered_generate
 
@@ -599,7 +600,10 @@ def test_neutral_fusion_is_exactly_the_plain_model_also_after_other_calls(family
         assert torch.equal(a, b)
 
 
-def test_fusion_edits_the_prefill_of_the_fused_positions_only(family, images):
+def test_fusion_edits_the_prefill_of_the_fused_positions_only(family, images, monkeypatch):
+    """The full path's mechanics (every prompt position prefilled); the shared-prefix path is
+    compared with it in test_the_shared_prefix_path_answers_exactly_as_the_full_path."""
+    monkeypatch.setattr(fusion_method, "reuses_prefix", lambda *args: False)
     spec, model, processor = family
     layers = model.get_decoder().layers
     image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
@@ -728,3 +732,57 @@ def test_the_family_parameter_names_every_supported_model_type():
     from vift.config.schema import ModelParams
 
     assert set(get_args(ModelParams.model_fields["family"].annotation)) == {"auto"} | {t for f in FAMILIES for t in f.model_types}
+
+
+# Families on which steered_generate reuses the shared prefix (test models: sliding windows of 16
+# tokens, shorter than their prompts, keep Gemma3 and Aya Vision on the full path here).
+REUSES_PREFIX = {"llava", "llava_onevision", "llava_next", "idefics2", "idefics3", "smolvlm", "internvl"}
+
+
+@pytest.mark.parametrize(
+    "fusion",
+    [FusionSpec(a=0.7, b=0.3, layer_start=1), FusionSpec(mode="replace", w_vis=0.6, w_text=0.5, layer_start=0, layer_end=2),
+     FusionSpec(a=0.9, b=0.0, layer_start=2), FusionSpec(mode="replace", w_vis=0.0, w_text=1.0, layer_start=1)],
+    ids=["additive", "replace", "text-only-weight", "image-weight-0"],
+)  # fmt: skip
+def test_the_shared_prefix_path_answers_exactly_as_the_full_path(family, images, fusion, monkeypatch):
+    spec, model, processor = family
+    image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
+    mask = question_positions(image_inputs, text_inputs)
+    reused = spec.name in REUSES_PREFIX and fusion_method.uses_image(fusion)  # b = 0: one prefill anyway
+    assert fusion_method.reuses_prefix(model, fusion, mask, GENERATE) == reused
+    layer = model.get_decoder().layers[0]
+    seen: list[int] = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        fast = generate(model, image_inputs, fusion, text_inputs)
+        fast_tokens = sum(seen)
+        seen.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(fusion_method, "reuses_prefix", lambda *args: False)
+            full = generate(model, image_inputs, fusion, text_inputs)
+        full_tokens = sum(seen)
+    finally:
+        handle.remove()
+    assert torch.equal(fast.sequences, full.sequences)  # in the caller's layout: answers where they expect them
+    for a, b in zip(fast.logits, full.logits, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-9)
+    if reused:  # the image prompt's prefix ran once: fewer tokens through the decoder
+        assert fast_tokens < full_tokens
+    else:
+        assert fast_tokens == full_tokens
+
+
+def test_a_zero_weight_skips_its_capture(family, images, monkeypatch):
+    _, model, processor = family
+    image_inputs, text_inputs = inputs_for(model, processor, images[:2], QUESTIONS[:2])
+    captured = []
+    real = fusion_method.capture_layer_inputs
+    monkeypatch.setattr(
+        fusion_method, "capture_layer_inputs", lambda m, layers, inputs, *a: captured.append(inputs) or real(m, layers, inputs, *a)
+    )
+    generate(model, image_inputs, FusionSpec(a=0.5, b=0.0, layer_start=1), text_inputs)
+    assert [c["input_ids"].shape for c in captured] == [text_inputs["input_ids"].shape]  # T only: b = 0 needs no V
+    captured.clear()
+    generate(model, image_inputs, FusionSpec(mode="replace", w_vis=0.5, w_text=0.0, layer_start=1), text_inputs)
+    assert len(captured) == 1 and captured[0]["input_ids"] is not text_inputs["input_ids"]  # V only: w_text = 0 needs no T

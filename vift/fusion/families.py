@@ -109,6 +109,9 @@ class FamilyAdapter:
 
     name: str
     model_types: tuple[str, ...]
+    # the shared-prefix path of vift.fusion.method applies (a causal decoder whose cached
+    # continuations take their positions from the attention mask)
+    reuses_prefix: bool = True
 
     def prompt(self, processor, question: str, with_image: bool) -> str:
         return processor.apply_chat_template(_user_message(question, with_image), add_generation_prompt=True, tokenize=False)
@@ -144,6 +147,8 @@ class QwenVLAdapter(FamilyAdapter):
     The type ids are derived from the token ids (outside the model): 1 on the processor's image token,
     2 on its video token, 0 elsewhere, padding included, exactly as the processor computes them.
     """
+
+    reuses_prefix: bool = False  # a cached continuation's M-RoPE positions follow columns, not the mask
 
     @staticmethod
     def mm_token_type_ids(input_ids: torch.Tensor, processor) -> torch.Tensor:
@@ -189,6 +194,8 @@ class PaliGemmaAdapter(FamilyAdapter):
 
     The processor's ``labels`` (a training convenience) are dropped.
     """
+
+    reuses_prefix: bool = False  # the prefix attends bidirectionally: it depends on the steered suffix
 
     def special_tokens(self, processor, prompt: str) -> bool:
         return False  # the prompts below write <bos> where PaliGemma expects it (after the image tokens)

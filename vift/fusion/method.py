@@ -15,16 +15,29 @@ Decode steps are untouched; they see the fusion through the KV cache. a = b = 0,
 w_text = 0, reproduce the plain model exactly.
 
 Compared with the reference (one sample at a time, three full prefills), everything is batched, and
-both capture passes stop after the last fused layer. The steered prefill still recomputes the
-layers below ``start``: reusing them would mean splicing a partial KV cache into ``generate``,
-which no public transformers API supports.
+both capture passes stop after the last fused layer.
+
+**Shared prefix** (:func:`steered_generate` with ``question`` positions, on families whose adapter
+allows it): in a causal decoder every position before the first fused one has the same states in
+the unsteered and the steered pass, at every layer. So the image prompt is laid out per sample as
+``[pad, prefix | pad, fused suffix]`` (the padding in the middle is masked, and positions come from
+the attention mask, so every real token keeps its position), the prefix — image included — is
+prefilled once into a KV cache through ``generate``, and only the suffix runs twice against it:
+unsteered to capture ``V``, then steered. A capture whose weight is 0 (``b``, ``w_vis``; ``a``,
+``w_text``) is skipped. The result is the same as the full path's (bit for bit on the tested
+families, float64) and is returned in the caller's layout. Not used, and the full path runs, for
+bidirectional prefixes (PaliGemma), M-RoPE (the Qwen-VL families: a cached continuation takes its
+positions from column indices, which the middle padding shifts), a sliding window shorter than the
+prompt plus the answer (the middle padding would change what falls inside it), ``text_prompt``
+positions (their region can start inside the image tokens), beams or several return sequences.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -152,13 +165,116 @@ def steered_generate(
     mask = fused_positions(
         image_inputs["input_ids"], image_inputs["attention_mask"], text_inputs["input_ids"], text_inputs["attention_mask"], spec.positions
     )
-    text_states, image_states = states if states is not None else capture_states(model, image_inputs, text_inputs, start, end)
-    if len(text_states) != end - start:
-        raise ValueError(f"{len(text_states)} captured layers for the fusion range [{start}, {end})")
+    if states is None and reuses_prefix(model, spec, mask, generate_kwargs):
+        return _prefix_steered_generate(model, layers, start, end, image_inputs, text_inputs, spec, mask, **generate_kwargs)
+    if states is None:
+        states = (
+            capture_layer_inputs(model, layers, text_inputs, start, end) if uses_text(spec) else None,
+            capture_layer_inputs(model, layers, image_inputs, start, end) if uses_image(spec) else None,
+        )
+    text_states, image_states = states
     image_len = image_inputs["input_ids"].shape[1]
-    edits = [_edit(spec, align_right(t, image_len), v, mask) for t, v in zip(text_states, image_states)]
+    edits = _edits(model, spec, text_states, image_states, mask, image_len, start, end)
     with PrefillEditor(layers, start, edits).active():
         return model.generate(**image_inputs, **generate_kwargs)
+
+
+def uses_text(spec: FusionSpec) -> bool:
+    """Whether ``spec`` reads the text-only states T (a weight on them that is not 0)."""
+    return (spec.a if spec.mode == "additive" else spec.w_text) != 0
+
+
+def uses_image(spec: FusionSpec) -> bool:
+    """Whether ``spec`` reads the unsteered image+question states V."""
+    return (spec.b if spec.mode == "additive" else spec.w_vis) != 0
+
+
+def _edits(model, spec: FusionSpec, text_states, image_states, mask: torch.Tensor, length: int, start: int, end: int) -> list:
+    """One edit per fused layer over ``length`` positions; states not captured (weight 0) count as 0."""
+    for captured in (text_states, image_states):
+        if captured is not None and len(captured) != end - start:
+            raise ValueError(f"{len(captured)} captured layers for the fusion range [{start}, {end})")
+    hidden = model.config.get_text_config().hidden_size
+    zeros = torch.zeros(mask.shape[0], length, hidden, dtype=model.dtype, device=mask.device)
+    edits = []
+    for index in range(end - start):
+        text = zeros if text_states is None else align_right(text_states[index], length)
+        image = zeros if image_states is None else image_states[index]
+        edits.append(_edit(spec, text, image, mask))
+    return edits
+
+
+# Sequence-aligned keys of an adapter's batch; every other key (pixel values, grids, sizes) is per image.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def reuses_prefix(model, spec: FusionSpec, mask: torch.Tensor, generate_kwargs: dict) -> bool:
+    """Whether the shared-prefix path applies (module docstring: which cases it leaves to the full path)."""
+    from vift.fusion.families import adapter_for
+
+    if spec.positions != "question" or not uses_image(spec) or not adapter_for(model).reuses_prefix:
+        return False  # without V to capture, the full path prefills the image prompt only once anyway
+    if generate_kwargs.get("num_beams", 1) != 1 or generate_kwargs.get("num_return_sequences", 1) != 1:
+        return False
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if window is not None:
+        new_tokens = generate_kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens
+        if new_tokens is None or mask.shape[1] + int(mask.sum(1).max()) + new_tokens > window:
+            return False
+    return bool(mask.any(dim=1).all())
+
+
+def shared_prefix_layout(inputs: dict, mask: torch.Tensor, pad_id: int) -> tuple[dict, torch.Tensor, int]:
+    """``inputs`` laid out per sample as ``[pad, prefix | pad, fused suffix]``: ``(inputs, fused mask,
+    prefix length P)``. Every sample's prefix ends at column P and its fused suffix at the last column;
+    the padding is masked (``attention_mask`` 0), so positions, which follow the mask, are unchanged."""
+    real = inputs["attention_mask"].bool()
+    batch, length = real.shape
+    suffix = mask.sum(dim=1)
+    prefix = real.sum(dim=1) - suffix
+    p_len, s_len = int(prefix.max()), int(suffix.max())
+    out = dict(inputs)
+    for key in SEQUENCE_KEYS:
+        if key not in inputs:
+            continue
+        old = inputs[key]
+        new = old.new_full((batch, p_len + s_len), pad_id if key == "input_ids" else 0)
+        for row in range(batch):  # a handful of rows: plain slicing is clearer than a scatter
+            p, s = int(prefix[row]), int(suffix[row])
+            new[row, p_len - p : p_len] = old[row, length - s - p : length - s]
+            new[row, p_len + s_len - s :] = old[row, length - s :]
+        out[key] = new
+    columns = torch.arange(p_len + s_len, device=mask.device)
+    new_mask = columns[None, :] >= (p_len + s_len - suffix)[:, None]
+    return out, new_mask, p_len
+
+
+def _prefix_steered_generate(model, layers, start: int, end: int, image_inputs: dict, text_inputs: dict, spec, mask, **generate_kwargs):
+    pad_id = model.generation_config.pad_token_id
+    inputs, laid_mask, p_len = shared_prefix_layout(image_inputs, mask, 0 if pad_id is None else int(pad_id))
+    prefix = {k: v[:, :p_len] if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
+    with torch.inference_mode():  # the prefix, image included, once; generate computes its positions
+        cache = model.generate(**prefix, max_new_tokens=1, do_sample=False, return_dict_in_generate=True).cache
+    suffix_inputs = {k: v for k, v in inputs.items() if k in SEQUENCE_KEYS}  # the image is in the cache
+    s_len = suffix_inputs["input_ids"].shape[1] - p_len
+    text_states = capture_layer_inputs(model, layers, text_inputs, start, end) if uses_text(spec) else None
+    image_states = (
+        capture_layer_inputs(model, layers, {**suffix_inputs, "cache": copy.deepcopy(cache)}, start, end) if uses_image(spec) else None
+    )
+    edits = _edits(model, spec, text_states, image_states, laid_mask[:, p_len:], s_len, start, end)
+    with torch.inference_mode(), PrefillEditor(layers, start, edits).active():
+        out = model.generate(**suffix_inputs, cache=cache, **generate_kwargs)
+    return _in_caller_layout(out, image_inputs["input_ids"], p_len + s_len)
+
+
+def _in_caller_layout(out: Any, input_ids: torch.Tensor, laid_length: int) -> Any:
+    """``generate``'s output with the prompt as the caller laid it out (answers start where they expect)."""
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    restored = torch.cat([input_ids, sequences[:, laid_length:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return restored
+    out.sequences = restored
+    return out
 
 
 def fused_generate(
