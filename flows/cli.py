@@ -67,6 +67,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         fractions=args.fractions,
         seeds=args.seeds,
         push=args.push,
+        fan_out=args.fan_out,
     )
     result = vift_data_efficiency(parameters)
     print(json.dumps(result, indent=2, default=str))
@@ -125,6 +126,11 @@ def add_commands(sub, add_params_option) -> None:
         "--seeds", type=_seeds, default=None, metavar="S,S,...",
         help="train every fraction once per seed (data, base and training seeds), report the mean and the "
         "across-seed interval (default: the preset's seeds, one run per fraction)",
+    )  # fmt: skip
+    sweep.add_argument(
+        "--fan-out", type=int, default=0, metavar="N",
+        help="run each point as a run of the served vift-pipeline deployment, at most N at a time "
+        "(needs PREFECT_API_URL and `vift serve` or a worker pool; default 0: one after another, here)",
     )  # fmt: skip
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key at every point; repeatable")
     sweep.add_argument("--push", action="store_true", help="dvc push each point's outputs")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from prefect import serve
 
-from flows.pipeline import PipelineParameters, vift_pipeline
+from flows.pipeline import PIPELINE_DEPLOYMENT, PipelineParameters, vift_pipeline
 from flows.sweep import SweepParameters, vift_data_efficiency
 
-PIPELINE_DEPLOYMENT = "vift-pipeline"
 SWEEP_DEPLOYMENT = "vift-data-efficiency"
 
 

@@ -31,6 +31,7 @@ from vift.paths import ABLATION_MD, METRICS_JSON, REGISTRATION_JSON, STAGES, STA
 StageName = Literal[STAGES]  # vift.paths.STAGES: dvc.yaml's stages, in order
 NETWORK_STAGES = {"register"}  # talk to the tracking server: retried with backoff
 RUNS_DIR = STATE_DIR / "runs"
+PIPELINE_DEPLOYMENT = "vift-pipeline"  # the deployment's name (flows/deployments.py, prefect.yaml)
 PresetName = Literal[tuple(available_presets())]  # a dropdown in the Prefect run form
 DataChoice = Literal["workspace", "preset"]
 DATA_HELP = (

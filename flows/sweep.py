@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows import efficiency
-from flows.pipeline import DATA_HELP, DataChoice, PipelineParameters, PresetName, vift_pipeline
+from flows.pipeline import DATA_HELP, PIPELINE_DEPLOYMENT, RUNS_DIR, DataChoice, PipelineParameters, PresetName, vift_pipeline
 from vift import paths
 from vift.errors import UserError
 
@@ -54,6 +54,12 @@ class SweepParameters(BaseModel):
     )
     push: bool = Field(False, description="dvc push each point's outputs")
     workspace: str = Field(".", description="the repository whose isolated copies run the points")
+    fan_out: int = Field(
+        0, ge=0, le=64,
+        description="0: the points run here, one after another (subflows); N: each point is a run of the "
+        f"{PIPELINE_DEPLOYMENT} deployment, at most N at a time, so a work pool runs them in parallel (its "
+        "workers must share this workspace's filesystem, or push to and pull from the DVC remote)",
+    )  # fmt: skip
 
     @field_validator("fractions")
     @classmethod
@@ -180,6 +186,47 @@ def track(summary: dict, out_dir: str, name: str, experiment: str, root: str) ->
     return run_id
 
 
+def fan_out(parameters: SweepParameters, root: Path, poll_seconds: float = 2.0) -> list[tuple[float, int | None, str]]:
+    """Run every point as a run of the pipeline deployment, at most ``parameters.fan_out`` at a time.
+
+    Each point is an isolated pipeline run stopping after ``evaluate``, as a subflow would be; its
+    workspace is ``<workspace>/.vift/runs/<its name>``, read back here once the run completed. A
+    point that fails fails the sweep, naming the point and its run.
+    """
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    deployment = f"{vift_pipeline.name}/{PIPELINE_DEPLOYMENT}"
+    waiting = list(parameters.points())
+    running: dict[Any, tuple[float, int | None, PipelineParameters]] = {}
+    done: dict[tuple[float, int | None], str] = {}
+    with get_client(sync_client=True) as client:
+        while waiting or running:
+            while waiting and len(running) < parameters.fan_out:
+                fraction, seed = waiting.pop(0)
+                point = parameters.point(fraction, seed)
+                run = run_deployment(deployment, parameters={"parameters": point.model_dump(mode="json")}, timeout=0)
+                logger.info(
+                    "sweep point %s = %g%s: flow run %s", FRACTION_KEY, fraction, "" if seed is None else f", seed {seed}", run.name
+                )
+                running[run.id] = (fraction, seed, point)
+            time.sleep(poll_seconds)
+            for run_id in list(running):
+                state = client.read_flow_run(run_id).state
+                if state is None or not state.is_final():
+                    continue
+                fraction, seed, point = running.pop(run_id)
+                if not state.is_completed():
+                    raise UserError(
+                        f"sweep point {FRACTION_KEY} = {fraction:g}, seed {seed}: flow run {run_id} ended {state.name}: {state.message}"
+                    )
+                done[(fraction, seed)] = str(root / RUNS_DIR / point.name())
+    return [(fraction, seed, done[(fraction, seed)]) for fraction, seed in parameters.points()]
+
+
 @flow(name="vift-data-efficiency", flow_run_name=sweep_run_name, log_prints=True)
 def vift_data_efficiency(parameters: SweepParameters = SweepParameters()) -> dict:
     """Train and evaluate ViFT and the visual-instruction baseline on fractions of the training data."""
@@ -187,7 +234,9 @@ def vift_data_efficiency(parameters: SweepParameters = SweepParameters()) -> dic
     name = parameters.name()
     root = Path(parameters.workspace).resolve()
     points = []
-    for fraction, seed in parameters.points():
+    if parameters.fan_out:
+        points = fan_out(parameters, root)
+    for fraction, seed in [] if parameters.fan_out else parameters.points():
         logger.info("sweep point: %s = %g%s", FRACTION_KEY, fraction, "" if seed is None else f", seed {seed}")
         result = vift_pipeline(parameters.point(fraction, seed))
         points.append((fraction, seed, result["workspace"]))

@@ -159,3 +159,57 @@ def test_every_training_seed_of_the_parameters_is_a_seed_key():
 def test_invalid_seed_lists_are_rejected_before_any_work(fields, message):
     with pytest.raises(ValueError, match=message):
         SweepParameters(preset="ci", **fields)
+
+
+def test_a_fanned_out_point_that_fails_fails_the_sweep_naming_it(monkeypatch, tmp_path):
+    """Each point a run of the pipeline deployment; a failed one stops the sweep with its name."""
+    import types
+
+    import prefect.client.orchestration as orchestration
+    import prefect.deployments as deployments
+
+    from flows import sweep as sweep_module
+    from vift.errors import UserError
+
+    submitted = []
+
+    def run_deployment(name, parameters, timeout):
+        submitted.append((name, parameters["parameters"]["overrides"][FRACTION_KEY]))
+        return types.SimpleNamespace(id=len(submitted), name=f"run-{len(submitted)}")
+
+    class State:
+        def __init__(self, ok):
+            self.ok, self.name, self.message = ok, "Completed" if ok else "Failed", "" if ok else "stage train_text failed"
+
+        def is_final(self):
+            return True
+
+        def is_completed(self):
+            return self.ok
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read_flow_run(self, run_id):
+            return types.SimpleNamespace(state=State(run_id != 2))
+
+    monkeypatch.setattr(deployments, "run_deployment", run_deployment)
+    monkeypatch.setattr(orchestration, "get_client", lambda sync_client: Client())
+    monkeypatch.setattr(sweep_module, "get_run_logger", lambda: types.SimpleNamespace(info=lambda *a: None))
+    parameters = SweepParameters(preset="ci", fractions=[0.25, 0.5, 1.0], fan_out=1)
+    with pytest.raises(
+        UserError, match=r"sweep point train.data_fraction = 0.5, seed None: flow run 2 ended Failed: stage train_text failed"
+    ):
+        sweep_module.fan_out(parameters, tmp_path, poll_seconds=0)
+    assert submitted == [("vift-pipeline/vift-pipeline", 0.25), ("vift-pipeline/vift-pipeline", 0.5)]  # one at a time
+    submitted.clear()
+    monkeypatch.setattr(Client, "read_flow_run", lambda self, run_id: types.SimpleNamespace(state=State(True)))
+    points = sweep_module.fan_out(SweepParameters(preset="ci", fractions=[0.5, 1.0], seeds=[0, 1], fan_out=3), tmp_path, poll_seconds=0)
+    assert [(f, s) for f, s, _ in points] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)] and len(submitted) == 4
+    assert points[0][2] == str(
+        tmp_path / ".vift" / "runs" / SweepParameters(preset="ci", fractions=[0.5, 1.0], seeds=[0, 1]).point(0.5, 0).name()
+    )

@@ -201,15 +201,23 @@ def test_invalid_parameters_from_the_api_are_rejected_with_the_field_named(serve
 def test_the_served_sweep_trains_each_fraction_in_its_own_workspace_and_plots_accuracy_against_samples(served_project):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    from flows.sweep import SweepParameters
+
     project, url = served_project
     with api_client(url) as client:
         deployment = client.read_deployment_by_name(SWEEP_DEPLOYMENT)
-        run = client.create_flow_run_from_deployment(deployment.id, parameters={"parameters": {"preset": "ci", "fractions": [1.0, 0.5]}})
+        # fan_out: each point is a run of the pipeline deployment (a work pool would run them in parallel)
+        sweep = {"preset": "ci", "fractions": [1.0, 0.5], "fan_out": 2}
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"parameters": sweep})
         final = wait_until(lambda: _final_state(client, run.id), RUN_TIMEOUT, "the sweep run", 3)
         assert final.state.is_completed(), final.state.message
         assert final.name.startswith("data-efficiency-ci-")
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         assert {"data-efficiency", "data-efficiency-points"} <= {a.key for a in artifacts}
+        pipeline = client.read_deployment_by_name(DEPLOYMENT)
+        point_names = {SweepParameters(**sweep, workspace=str(project)).point(f).name() for f in sweep["fractions"]}
+        point_runs = [r for r in client.read_flow_runs(limit=200) if r.deployment_id == pipeline.id and r.name in point_names]
+        assert {r.name for r in point_runs} == point_names and all(r.state.is_completed() for r in point_runs)
     out = project / "reports" / "sweeps" / final.name
     summary = json.loads((out / "data_efficiency.json").read_text())
     points = summary["points"]
