@@ -1,10 +1,11 @@
 """Guards on the verdict-critical code: each test pins one behaviour that a one-line bug would break.
 
-Statistics (Wilson interval, paired bootstrap, the verdict rule), answer scoring, the calibration
-tie-break and its reuse of captured states, the fusion formula and its hooks, the fused positions,
-the entry points that run the fusion and the served mode (``fused_generate``, ``answer``), reading
-``models/fusion.json``, the image-root check and the ablation's controls. Stubs and exact values
-where possible; the tiny LLaVA where the behaviour lives in a real forward pass.
+Statistics (Wilson interval, paired bootstrap, the verdict rule), answer scoring, calibration (the
+search, its tie-break, the ``Calibrator`` and its reuse of captured states), the fusion formula and
+its hooks, the fused positions, the entry points that run the fusion and the served mode
+(``fused_generate``, ``answer``), reading ``models/fusion.json``, the image-root check, and the
+ablation (its controls, each row's call, the perception check). Stubs and exact values where
+possible; the tiny LLaVA where the behaviour lives in a real forward pass.
 """
 
 from __future__ import annotations
@@ -795,3 +796,465 @@ def test_fusion_json_gives_the_spec_the_served_mode_and_prompts_and_keeps_the_wh
     for serving in ("describe_then_answer", {"mode": "sketch"}, None):
         odd = FusionFile.read(_write(tmp_path / "odd.json", {"fusion": {"a": 0.5}, "serving": serving}))
         assert (odd.spec, odd.mode, odd.prompts) == (FusionSpec(a=0.5), "fused", Prompts()), serving
+
+
+# --- the ablation's rows and the perception check: each call's arguments ---------------------
+
+
+@pytest.fixture
+def ablation_calls(monkeypatch) -> list[dict]:
+    """``predict`` and ``describe_then_answer`` as ``run_ablation`` calls them, recorded. A predicted
+    row says which model answered; describe-then-answer answers "a<i>" over caption "c<i>"."""
+    calls: list[dict] = []
+
+    def predict(model, processor, records, images, fusion, batch_size, max_new_tokens, questions=None):
+        calls.append({"row": "predict", "model": model, "processor": processor, "records": records, "images": images,
+                      "fusion": fusion, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "questions": questions})  # fmt: skip
+        return [{"id": r.id, "prediction": model, "correct": False} for r in records]
+
+    def describe(model, processor, images, questions, batch_size, max_new_tokens, prompts, caption_tokens):
+        calls.append({"row": "describe", "model": model, "processor": processor, "images": images, "questions": questions,
+                      "batch_size": batch_size, "max_new_tokens": max_new_tokens, "prompts": prompts, "caption_tokens": caption_tokens})  # fmt: skip
+        return [f"a{i}" for i in range(len(questions))], [f"c{i}" for i in range(len(questions))]
+
+    monkeypatch.setattr("vift.eval.ablation.predict", predict)
+    monkeypatch.setattr("vift.eval.ablation.describe_then_answer", describe)
+    return calls
+
+
+def _ablation_records(references: list[str | None]) -> list[VQARecord]:
+    return [
+        VQARecord(id=str(i), question=f"q{i}", answer="1", type="count", **({"reference": ref} if ref else {}))
+        for i, ref in enumerate(references)
+    ]
+
+
+def test_ablation_calls_each_row_with_its_model_batch_tokens_prompts_and_reports_each_step(ablation_calls):
+    from vift.eval.ablation import wrong_image_order
+
+    records = _ablation_records([f"scene {i}" for i in range(6)])  # 6 items: 120 possible wrong-image orders
+    images = [Image.new("RGB", (i + 2, 3), "white") for i in range(6)]
+    models = {name: (lambda name=name: (f"{name}-model", f"{name}-processor")) for name in ("caption", "vift", "vit")}
+    fusion, prompts, steps = FusionSpec(a=0.5), Prompts(describe="D", over_description="<{description}> {question}"), []
+    rows = run_ablation(models, records, images, fusion, 4, 3, seed=7, caption_tokens=9, progress=steps.append, prompts=prompts)
+    assert steps == ["caption_only", "vift_unfused", "vift_fused", "question_only", "fused_wrong_image", "fused_blank_image",
+                     "describe_then_answer", "oracle_description", "vit_baseline"]  # fmt: skip
+    assert list(rows) == [*steps, "majority_per_type"]
+    predicted = [c for c in ablation_calls if c["row"] == "predict"]
+    assert all(c["records"] == records and (c["batch_size"], c["max_new_tokens"]) == (4, 3) for c in predicted)
+    assert [(c["model"], c["processor"], c["fusion"], c["questions"]) for c in predicted] == [
+        ("caption-model", "caption-processor", None, None),
+        ("vift-model", "vift-processor", None, None),
+        ("vift-model", "vift-processor", fusion, None),
+        ("vift-model", "vift-processor", None, None),
+        ("vift-model", "vift-processor", fusion, None),
+        ("vift-model", "vift-processor", fusion, None),
+        ("vift-model", "vift-processor", None, [f"<scene {i}> q{i}" for i in range(6)]),
+        ("vit-model", "vit-processor", None, None),
+    ]
+    given = [c["images"] for c in predicted]
+    assert given[0] == given[1] == given[2] == given[7] == images and given[3] is None and given[6] is None
+    assert given[4] == [images[i] for i in wrong_image_order(6, 7)]  # the given seed
+    assert [(b.mode, b.size, b.getpixel((0, 0))) for b in given[5]] == [("RGB", (i + 2, 3), (0, 0, 0)) for i in range(6)]
+    (described,) = [c for c in ablation_calls if c["row"] == "describe"]
+    assert described == {"row": "describe", "model": "vift-model", "processor": "vift-processor", "images": images,
+                         "questions": [f"q{i}" for i in range(6)], "batch_size": 4, "max_new_tokens": 3, "prompts": prompts, "caption_tokens": 9}  # fmt: skip
+    assert [(r["id"], r["prediction"], r["caption"]) for r in rows["describe_then_answer"]] == [
+        (str(i), f"a{i}", f"c{i}") for i in range(6)
+    ]
+    assert [r["prediction"] for r in rows["majority_per_type"]] == ["1"] * 6
+
+
+def test_ablation_without_caption_vit_or_every_reference_skips_those_rows_and_defaults_caption_tokens_and_prompts(ablation_calls):
+    records = _ablation_records(["one circle", None])
+    images = [Image.new("RGB", (2, 2), "white")] * 2
+    rows = run_ablation({"vift": lambda: ("m", "p")}, records, images, FusionSpec(a=0.5), 2, 5, seed=0)
+    assert list(rows) == ["vift_unfused", "vift_fused", "question_only", "fused_wrong_image", "fused_blank_image",
+                          "describe_then_answer", "majority_per_type"]  # fmt: skip
+    (described,) = [c for c in ablation_calls if c["row"] == "describe"]
+    assert (described["prompts"], described["caption_tokens"]) == (Prompts(), 64)
+
+
+def test_perception_captions_with_the_given_prompt_and_scores_each_model_against_the_references(monkeypatch):
+    from vift.eval.ablation import perception
+
+    calls = []
+
+    def caption(model, processor, images, questions, fusion, batch_size, max_new_tokens):
+        calls.append((model, processor, images, questions, fusion, batch_size, max_new_tokens))
+        right = {"good": 3, "half": 1}[model]  # the first `right` captions state the reference
+        return [f"red circle, blue square.{i}" if i >= right else "blue square, red circle." for i in range(len(images))]
+
+    monkeypatch.setattr("vift.fusion.method.fused_generate", caption)
+    records = _ablation_records(["red circle, blue square"] * 3)
+    images = ["i0", "i1", "i2"]
+    models = {"caption": lambda: ("good", "pg"), "vift": lambda: ("half", "ph")}
+    out = perception(models, records, images, "Describe.", 2)
+    assert calls == [("good", "pg", images, ["Describe."] * 3, None, 2, 64), ("half", "ph", images, ["Describe."] * 3, None, 2, 64)]
+    assert out["caption"] == {
+        "accuracy": 1.0,
+        "ci95": list(wilson_interval(3, 3)),
+        "n": 3,
+        "phrase_f1": 1.0,
+        "examples": [{"reference": "red circle, blue square", "caption": "blue square, red circle."}] * 2,
+    }
+    half = out["vift"]
+    assert (half["accuracy"], half["ci95"], half["n"]) == (pytest.approx(1 / 3), list(wilson_interval(1, 3)), 3)
+    assert half["phrase_f1"] == pytest.approx(4 / 6)  # "blue square.1" is no reference phrase: 4 of 6 phrases, each side
+    assert half["examples"][1] == {"reference": "red circle, blue square", "caption": "red circle, blue square.1"}
+    perception(models, records[:1], images[:1], "Describe.", 2, caption_tokens=5)
+    assert calls[-1][-1] == 5
+    # No references (or not all of them), or no records: nothing to report, no model loaded.
+    assert perception({}, [], [], "Describe.", 2) is None
+    assert perception(models, _ablation_records(["red circle", None]), images[:2], "Describe.", 2) is None
+    assert len(calls) == 4
+
+
+# --- calibration: the scorer, the search space, the Calibrator on stubs -----------------------
+
+
+def test_gold_answer_scorer_forces_each_gold_token_then_end_of_turn_and_sums_their_log_probabilities():
+    from vift.fusion.calibrate import GoldAnswerScorer
+
+    gold = torch.tensor([[1, 2, -1], [0, -1, -1]])  # -1: after the answer's end
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])
+    scorer = GoldAnswerScorer(gold, eos_token_id=3)
+    forced = [scorer(torch.zeros(2, 1, dtype=torch.long), scores) for _ in range(4)]  # one step past the gold's width
+    assert scorer.step == 4
+    for step, expected in enumerate([[1, 0], [2, 3], [3, 3], [3, 3]]):
+        assert forced[step].argmax(dim=1).tolist() == expected
+        assert (forced[step] == 0).sum() == 2 and torch.isinf(forced[step]).sum() == 6 and (forced[step] < 0).sum() == 6
+    log_p = torch.log_softmax(scores.double(), dim=1)
+    assert scorer.log_likelihood.dtype == torch.float64
+    assert scorer.log_likelihood.tolist() == pytest.approx([float(log_p[0, 1] + log_p[0, 2]), float(log_p[1, 0])], abs=1e-12)
+    empty = GoldAnswerScorer(torch.tensor([[3], [3]]), eos_token_id=3)  # empty answers: only the end-of-turn token
+    for _ in range(2):
+        assert empty(torch.zeros(2, 1, dtype=torch.long), scores).argmax(dim=1).tolist() == [3, 3]
+
+
+def test_candidate_layer_ranges_are_the_given_ones_checked_or_a_spread_over_the_depth():
+    from vift.fusion.calibrate import candidate_ranges
+
+    assert candidate_ranges(4, [[0, 4], [3, 4]]) == [(0, 4), (3, 4)]
+    for bad in ([-1, 2], [2, 2], [3, 5]):
+        with pytest.raises(ValueError, match=rf"^fusion.calibrate.layer_ranges: \[{bad[0]}, {bad[1]}\) outside 0..4$"):
+            candidate_ranges(4, [(0, 4), bad])
+    assert candidate_ranges(4, None) == candidate_ranges(4, []) == [(0, 4), (2, 4), (1, 4), (0, 2), (1, 3)]
+    assert candidate_ranges(28, None) == [(0, 28), (14, 28), (7, 28), (0, 14), (7, 21)]
+    assert candidate_ranges(3, None) == [(0, 3), (1, 3), (0, 1), (0, 2)]
+    assert candidate_ranges(2, None) == [(0, 2), (1, 2), (0, 1)]
+    assert candidate_ranges(1, None) == [(0, 1)]
+
+
+def test_the_weight_grid_and_the_neighbours_of_a_configuration():
+    from vift.fusion.calibrate import _grid, _neighbours
+
+    assert _grid("replace", "text_prompt", (1, 3), [0.0, 0.5]) == [
+        FusionSpec(mode="replace", positions="text_prompt", w_vis=w_vis, w_text=w_text, layer_start=1, layer_end=3)
+        for w_vis, w_text in ((0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (0.5, 0.5))
+    ]
+    spec = FusionSpec(a=0.5, b=0.0, layer_start=1, layer_end=3)
+    weights = [1.0, 0.0, 0.5, 0.25, 0.00025, 0.5]  # unsorted, with a repeat; 0.00025 and its midpoint get rounded
+    assert _neighbours(spec, weights, [(0, 4)], 4) == [
+        spec.with_weights(a=0.25), spec.with_weights(a=0.375), spec.with_weights(a=1.0), spec.with_weights(a=0.75),
+        spec.with_weights(b=0.0003), spec.with_weights(b=0.0001),  # rounded to 4 places
+        spec.with_weights(layer_start=0), spec.with_weights(layer_start=2), spec.with_weights(layer_end=2), spec.with_weights(layer_end=4),
+    ]  # fmt: skip
+    whole = FusionSpec(mode="replace", w_vis=1.0, w_text=1.0)  # layers [0, 4): only the inner shifts fit
+    assert _neighbours(whole, [0.0, 1.0], [(0, 4)], 4) == [
+        whole.with_weights(w_vis=0.0), whole.with_weights(w_vis=0.5), whole.with_weights(w_text=0.0), whole.with_weights(w_text=0.5),
+        whole.with_weights(layer_start=1, layer_end=4), whole.with_weights(layer_start=0, layer_end=3),
+    ]  # fmt: skip
+    one_layer = FusionSpec(a=1.0, layer_start=1, layer_end=2)  # shifts that would empty the range are left out
+    assert _neighbours(one_layer, [1.0], [(1, 2)], 4)[-2:] == [one_layer.with_weights(layer_start=0), one_layer.with_weights(layer_end=3)]
+
+
+class _CalibrationLVLM:
+    """Model, tokenizer and family adapter in one, for ``Calibrator``. An image prompt is 3 tokens
+    ending with the question's number, a text prompt 1 token. The plain model answers that number,
+    a steered one 7; token 9 ends a turn. Under teacher forcing every step scores token t as t."""
+
+    device = "cpu"
+    dtype = torch.float16
+    eos_token_id = 9
+
+    def __init__(self, hidden_size: int = 4):
+        self.config = type("Config", (), {"get_text_config": lambda self: type("Text", (), {"hidden_size": hidden_size})()})()
+        self.inputs: list[tuple] = []  # (kind, images, questions, device) per adapter call
+        self.generated: list[dict] = []  # kwargs per generate
+
+    def image_inputs(self, processor, images, questions, device) -> dict:
+        self.inputs.append(("image", list(images), list(questions), device))
+        return {"input_ids": torch.tensor([[5, 5, int(q[1:])] for q in questions])}
+
+    def text_inputs(self, processor, questions, device) -> dict:
+        self.inputs.append(("text", None, list(questions), device))
+        return {"input_ids": torch.full((len(questions), 1), 6)}
+
+    def generate(self, input_ids, steered=False, logits_processor=None, **kwargs):
+        self.generated.append({"steered": steered, "inference_mode": torch.is_inference_mode_enabled(), **kwargs})
+        if logits_processor is None:
+            answer = torch.full_like(input_ids[:, -1:], 7) if steered else input_ids[:, -1:]
+            return torch.cat([input_ids, answer, torch.full_like(answer, 9)], dim=1)
+        for _ in range(kwargs["max_new_tokens"]):
+            scores = logits_processor(input_ids, torch.arange(10.0).repeat(len(input_ids), 1))
+            input_ids = torch.cat([input_ids, scores.argmax(dim=1, keepdim=True)], dim=1)
+        return input_ids
+
+    def __call__(self, text, add_special_tokens=True) -> dict:  # the tokenizer: one token per digit
+        assert add_special_tokens is False
+        return {"input_ids": [int(c) for c in text]}
+
+    def batch_decode(self, tokens, skip_special_tokens=False) -> list[str]:
+        return ["".join("" if t == 9 and skip_special_tokens else str(t) for t in row.tolist()) for row in tokens]
+
+
+@pytest.fixture
+def calibration_lvlm(monkeypatch) -> tuple[_CalibrationLVLM, list]:
+    """The stub, with 4 decoder layers; captures and steered generations are recorded."""
+    stub, calls = _CalibrationLVLM(), []
+    monkeypatch.setattr("vift.fusion.calibrate.decoder_layers", lambda model: [None] * 4)
+    monkeypatch.setattr("vift.fusion.calibrate.adapter_for", lambda model: stub)
+
+    def capture(model, image_inputs, text_inputs, start, end):
+        calls.append(("capture", model, image_inputs["input_ids"][:, -1].tolist(), text_inputs["input_ids"].shape, start, end))
+        return [f"text{layer}" for layer in range(start, end)], [f"image{layer}" for layer in range(start, end)]
+
+    def steered(model, image_inputs, text_inputs, spec, states, **kwargs):
+        calls.append(("steered", model, text_inputs["input_ids"].shape, spec, states))
+        return model.generate(**image_inputs, steered=True, **kwargs)
+
+    monkeypatch.setattr("vift.fusion.calibrate.capture_states", capture)
+    monkeypatch.setattr("vift.fusion.calibrate.steered_generate", steered)
+    return stub, calls
+
+
+def _calibration_records() -> list[VQARecord]:
+    return [VQARecord(id=str(i), question=f"q{i}", answer=a) for i, a in enumerate(["0", "17", "2", "7", "4"])]
+
+
+def test_capture_bytes_is_one_hidden_vector_per_layer_and_token_of_both_prompts(calibration_lvlm):
+    from vift.fusion.calibrate import capture_bytes
+
+    stub, _ = calibration_lvlm
+    image_inputs, text_inputs = stub.image_inputs(None, [0, 1], ["q0", "q1"], "cpu"), stub.text_inputs(None, ["q0", "q1"], "cpu")
+    assert capture_bytes(stub, image_inputs, text_inputs, 3) == 3 * (6 + 2) * 4 * 2  # layers x tokens x hidden x float16
+
+
+def test_calibrator_batches_the_records_and_caches_captures_up_to_the_cap_inclusive(calibration_lvlm):
+    stub, calls = calibration_lvlm
+    records, images = _calibration_records(), [f"image{i}" for i in range(5)]
+    per_pair = 4 * 8 * 4 * 2  # 4 layers, 2 x (3 + 1) tokens, hidden 4, float16
+    calibrator = Calibrator(stub, stub, records, images, batch_size=2, max_new_tokens=3, max_cache_bytes=2 * per_pair)
+    assert calibrator.num_layers == 4 and calibrator.model is stub and calibrator.processor is stub and calibrator.max_new_tokens == 3
+    assert [b.records for b in calibrator.batches] == [records[:2], records[2:4], records[4:]]
+    assert stub.inputs == [
+        (kind, images[i : i + 2] if kind == "image" else None, [f"q{j}" for j in range(i, min(i + 2, 5))], "cpu")
+        for i in (0, 2, 4)
+        for kind in ("image", "text")
+    ]
+    assert calls == [("capture", stub, [0, 1], (2, 1), 0, 4), ("capture", stub, [2, 3], (2, 1), 0, 4)]  # the third: over the cap
+    assert calibrator.batches[0].states == ([f"text{i}" for i in range(4)], [f"image{i}" for i in range(4)])
+    assert calibrator.batches[2].states is None
+    assert [b.image_inputs["input_ids"][:, -1].tolist() for b in calibrator.batches] == [[0, 1], [2, 3], [4]]
+    assert [b.text_inputs["input_ids"].shape for b in calibrator.batches] == [(2, 1), (2, 1), (1, 1)]
+
+
+@pytest.mark.parametrize(("hidden_size", "cached"), [(2**26, True), (2**26 + 1, False)])
+def test_the_default_capture_cache_holds_2_gib(monkeypatch, calibration_lvlm, hidden_size, cached):
+    stub, _ = calibration_lvlm
+    big = _CalibrationLVLM(hidden_size)  # one item: 4 layers x 4 tokens x hidden x 2 bytes = 2 GiB at 2**26
+    monkeypatch.setattr("vift.fusion.calibrate.adapter_for", lambda model: big)
+    calibrator = Calibrator(big, big, _calibration_records()[:2], ["image0", "image1"], batch_size=1, max_new_tokens=1)
+    assert [b.states is not None for b in calibrator.batches] == [cached, False]
+
+
+def test_calibrator_answers_plain_or_steered_over_the_specs_cached_layers_and_scores_each_item(calibration_lvlm):
+    stub, calls = calibration_lvlm
+    per_pair = 4 * 8 * 4 * 2
+    calibrator = Calibrator(stub, stub, _calibration_records(), [None] * 5, batch_size=2, max_new_tokens=3, max_cache_bytes=per_pair)
+    del calls[:]
+    assert calibrator.correct(NEUTRAL) == [True, False, True, False, True]  # the plain model answers the question's number
+    assert stub.generated == [{"steered": False, "inference_mode": True, "max_new_tokens": 3, "do_sample": False}] * 3 and calls == []
+    spec = FusionSpec(a=0.5, layer_start=1, layer_end=3)
+    assert calibrator.correct(spec) == [False, False, False, True, False]  # steered: 7
+    assert calls == [
+        ("steered", stub, (2, 1), spec, (["text1", "text2"], ["image1", "image2"])),
+        ("steered", stub, (2, 1), spec, None),  # past the cache: captured afresh by steered_generate
+        ("steered", stub, (1, 1), spec, None),
+    ]
+    assert stub.generated[3:] == [{"steered": True, "inference_mode": False, "max_new_tokens": 3, "do_sample": False}] * 3
+
+
+def test_gold_answer_log_likelihood_is_the_mean_over_items_of_the_forced_answer_and_end_of_turn(calibration_lvlm):
+    stub, _ = calibration_lvlm
+    processor = type("Processor", (), {"tokenizer": stub})()  # a processor's own tokenizer is used
+    calibrator = Calibrator(stub, processor, _calibration_records(), [None] * 5, batch_size=2, max_new_tokens=3)
+    log_p = torch.log_softmax(torch.arange(10.0, dtype=torch.float64), dim=0)  # every step scores token t as t
+    expected = [log_p[0] + log_p[9], log_p[1] + log_p[7] + log_p[9], log_p[2] + log_p[9], log_p[7] + log_p[9], log_p[4] + log_p[9]]
+    assert calibrator.answer_log_likelihood(NEUTRAL) == pytest.approx(float(sum(expected)) / 5, abs=1e-9)
+    assert [g["max_new_tokens"] for g in stub.generated] == [3, 2, 2]  # each batch's longest gold answer, end-of-turn included
+    assert all(g["do_sample"] is False and not g["steered"] for g in stub.generated)
+    alone = Calibrator(stub, stub, _calibration_records()[:1], [None], batch_size=2, max_new_tokens=3)  # the stub is its own tokenizer
+    assert alone.answer_log_likelihood(FusionSpec(a=0.5)) == pytest.approx(float(log_p[0] + log_p[9]), abs=1e-9)
+
+
+class _ClimbCalibrator:
+    """40 items; a configuration is right on the first 4k, k = 2 + int(4a) + int(4b) for additive
+    fusion from layer 0, else k = 2. So the search climbs in a and b, and every right set contains
+    no fusion's (all wins, no losses)."""
+
+    num_layers = 4
+    batches = [type("Batch", (), {"records": list(range(25))})(), type("Batch", (), {"records": list(range(15))})()]
+
+    def __init__(self):
+        self.evaluated: list[FusionSpec] = []
+        self.scored: list[FusionSpec] = []
+
+    def correct(self, spec: FusionSpec) -> list[bool]:
+        self.evaluated.append(spec)
+        k = 2 + int(4 * spec.a) + int(4 * spec.b) if spec.mode == "additive" and spec.layer_start == 0 else 2
+        return [i < 4 * k for i in range(40)]
+
+    def answer_log_likelihood(self, spec: FusionSpec) -> float:
+        self.scored.append(spec)
+        return -1.0 if spec == NEUTRAL else 0.0
+
+
+def test_search_runs_the_coarse_grid_round_robin_within_two_thirds_of_the_budget_then_climbs_to_the_best():
+    calibrator, progress = _ClimbCalibrator(), []
+    params = CalibrationParams(modes=["additive", "replace"], weights=[0.0, 0.5, 0.9, 1.0], layer_ranges=[(0, 4), (2, 4)], budget=16)
+    result = search(calibrator, params, progress=lambda done, budget: progress.append((done, budget)))  # 1000 bootstrap samples, seed 0
+    add, rep = (
+        (lambda a, b, s=0: FusionSpec(a=a, b=b, layer_start=s, layer_end=4)),
+        (lambda v, t, s=0: FusionSpec(mode="replace", w_vis=v, w_text=t, layer_start=s, layer_end=4)),
+    )
+    # Coarse weights: every other one and the last (0, 0.9, 1); 16 * 2 // 3 = 10 coarse configurations.
+    coarse = [
+        NEUTRAL,
+        add(0, 0),
+        add(0, 0, 2),
+        rep(0, 0),
+        rep(0, 0, 2),
+        add(0, 0.9),
+        add(0, 0.9, 2),
+        rep(0, 0.9),
+        rep(0, 0.9, 2),
+        add(0, 1),
+    ]
+    # Refinement around a=0, b=1, then around a=0.5, b=1 until the budget is spent.
+    refine = [add(0.5, 1), add(0.25, 1), add(0, 0.95), add(0, 1, 1), FusionSpec(b=1, layer_end=3), add(0.9, 1)]
+    assert calibrator.evaluated == coarse + refine
+    assert [r["phase"] for r in result["search"]] == ["coarse"] * 10 + ["refine"] * 6
+    assert [r["accuracy"] for r in result["search"]] == [0.2, 0.2, 0.2, 0.2, 0.2, 0.5, 0.2, 0.2, 0.2, 0.6, 0.8, 0.7, 0.5, 0.2, 0.6, 0.9]
+    assert [r["layer_end"] for r in result["search"]][:2] == [4, 4] and result["search"][14]["layer_end"] == 3
+    assert progress == [(i, 16) for i in range(1, 17)]
+    assert calibrator.scored == []  # one configuration at the top: no tie-break needed
+    # The best against no fusion, with search's 1000 bootstrap samples (1001 give another interval here).
+    expected = paired_comparison([i < 36 for i in range(40)], [i < 8 for i in range(40)], 1000, 0)
+    row = result["search"][15]
+    assert [row[f"{key}_vs_neutral"] for key in ("difference", "ci95_low", "ci95_high", "mcnemar_p")] == [
+        expected["difference"],
+        *expected["ci95"],
+        expected["mcnemar_p"],
+    ]
+    best = {**add(0.9, 1).to_dict()}
+    assert result["fusion"] == best
+    calibration = result["calibration"]
+    assert calibration.pop("best_versus_neutral") == {
+        **{key: expected[key] for key in ("difference", "ci95", "mcnemar_p")},
+        "threshold": pytest.approx(0.05 / 16),
+        "kept_neutral": False,
+    }
+    assert calibration == {
+        "accuracy": 0.9,
+        "best_accuracy": 0.9,
+        "best": best,
+        "unfused_accuracy": 0.2,
+        "chosen_is_neutral": False,
+        "searched": True,
+        "tied_at_top": 1,
+        "evaluated": 16,
+        "budget": 16,
+        "items": 40,
+        "layer_ranges": [(0, 4), (2, 4)],
+        "num_layers": 4,
+    }
+
+
+def test_a_coarse_grid_that_fits_the_budget_exactly_is_evaluated_whole_and_a_truncated_one_keeps_two_thirds():
+    params = CalibrationParams(modes=["additive"], weights=[0.0, 1.0], layer_ranges=[(0, 4)], budget=5)  # no fusion + 4 = 5
+    whole = search(_ClimbCalibrator(), params, bootstrap_samples=10)
+    assert [(r["a"], r["b"], r["phase"]) for r in whole["search"]] == [
+        (0, 0, "coarse"),
+        (0, 0, "coarse"),
+        (0, 1, "coarse"),
+        (1, 0, "coarse"),
+        (1, 1, "coarse"),
+    ]
+    calibrator = _ClimbCalibrator()
+    truncated = search(calibrator, params.model_copy(update={"budget": 4}), bootstrap_samples=10)  # 4 * 2 // 3 = 2 coarse
+    assert [(r["a"], r["b"], r["phase"]) for r in truncated["search"]] == [(0, 0, "coarse"), (0, 0, "coarse")]
+    assert calibrator.evaluated == [NEUTRAL, FusionSpec(layer_end=4)]  # no better than no fusion: nothing to refine around
+    # Two configurations tie at the top: the gold log-likelihood breaks the tie (the first one's is lower).
+    assert calibrator.scored == [NEUTRAL, FusionSpec(layer_end=4)] and truncated["calibration"]["tied_at_top"] == 2
+    assert truncated["calibration"]["best"]["layer_end"] == 4 and truncated["calibration"]["chosen_is_neutral"] is True  # a = b = 0
+    calibrator = _ClimbCalibrator()
+    search(calibrator, params.model_copy(update={"budget": 2}), bootstrap_samples=10)  # 2 * 2 // 3 = 1 coarse: no fusion alone
+    assert calibrator.evaluated == [NEUTRAL]
+
+
+def test_the_given_fusion_is_evaluated_even_on_the_smallest_budget():
+    """Before, budget 2 cut the coarse grid to one configuration: no fusion alone, not the start."""
+    params = CalibrationParams(modes=["additive"], weights=[0.0, 1.0], layer_ranges=[(0, 4)], budget=2)
+    given = FusionSpec(a=1.0, b=1.0, layer_end=4)
+    for budget in (1, 2):
+        calibrator = _ClimbCalibrator()
+        result = search(calibrator, params.model_copy(update={"budget": budget}), bootstrap_samples=10, start=given)
+        assert calibrator.evaluated[:2] == [NEUTRAL, given] and len(result["search"]) == 2
+
+
+class _FewWinsCalibrator:
+    """200 items; a=1, b=0 is right on 7 more items than no fusion, the others on the same ones."""
+
+    num_layers = 4
+    batches = [type("Batch", (), {"records": list(range(200))})()]
+
+    def correct(self, spec: FusionSpec) -> list[bool]:
+        return [i < (57 if (spec.a, spec.b) == (1.0, 0.0) else 50) for i in range(200)]
+
+    def answer_log_likelihood(self, spec: FusionSpec) -> float:
+        return 0.0
+
+
+def test_the_winner_must_beat_no_fusion_at_the_significance_divided_by_the_configurations_not_at_005():
+    params = CalibrationParams(modes=["additive"], weights=[0.0, 1.0], layer_ranges=[(0, 4)], budget=10)
+    result = search(_FewWinsCalibrator(), params)
+    best = result["calibration"]["best_versus_neutral"]
+    assert best["threshold"] == pytest.approx(0.05 / 9) and best["mcnemar_p"] == pytest.approx(2 * 0.5**7)  # 7 wins, 0 losses
+    assert best["threshold"] < best["mcnemar_p"] < 0.05
+    assert best["ci95"][0] > 0 and best["kept_neutral"] is True and result["calibration"]["chosen_is_neutral"] is True
+
+
+def test_accuracy_on_a_single_calibration_item_is_0_or_1():
+    one = type("One", (), {"num_layers": 4, "batches": [type("Batch", (), {"records": [0]})()], "correct": lambda self, spec: [True]})()
+    result = search(one, CalibrationParams(modes=["additive"], weights=[0.0], layer_ranges=[(0, 4)], budget=1), bootstrap_samples=10)
+    assert result["calibration"]["accuracy"] == result["search"][0]["accuracy"] == 1.0 and result["calibration"]["items"] == 1
+
+
+def test_gold_answers_are_scored_on_the_models_device(monkeypatch, calibration_lvlm):
+    """Under ``torch.device("meta")`` a tensor left on the default device would differ: no GPU needed."""
+    stub, _ = calibration_lvlm
+    stub.device, devices = torch.device("meta"), []
+
+    class Recorder:
+        def __init__(self, gold, eos_token_id):
+            devices.append(gold.device)
+            self.log_likelihood = torch.zeros(len(gold))
+
+        def __call__(self, input_ids, scores):
+            return scores
+
+    monkeypatch.setattr("vift.fusion.calibrate.GoldAnswerScorer", Recorder)
+    Calibrator(stub, stub, _calibration_records()[:1], [None], batch_size=1, max_new_tokens=1).answer_log_likelihood(NEUTRAL)
+    assert devices == [torch.device("meta")]

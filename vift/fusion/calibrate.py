@@ -192,14 +192,15 @@ def search(
     groups = [_grid(m, p, r, coarse_weights) for m, p, r in itertools.product(params.modes, params.positions, ranges)]
     # Round-robin over (mode, positions, range) groups, so a truncated coarse grid covers each alike.
     grid = [spec for row in zip(*groups) for spec in row] if params.search else []
-    coarse = list(dict.fromkeys([NEUTRAL, start, *grid]))
-    coarse_budget = max(1, (2 * params.budget) // 3) if params.search and len(coarse) > params.budget else len(coarse)
+    seeds = list(dict.fromkeys([NEUTRAL, start]))  # always evaluated, whatever the budget
+    coarse = list(dict.fromkeys([*seeds, *grid]))
+    coarse_budget = max(len(seeds), (2 * params.budget) // 3) if params.search and len(coarse) > params.budget else len(coarse)
     table: dict[FusionSpec, dict] = {}
 
     correct: dict[FusionSpec, list[bool]] = {}
 
     def evaluate(spec: FusionSpec, phase: str) -> None:
-        if spec in table or (params.search and len(table) >= params.budget):
+        if spec in table or (params.search and len(table) >= max(params.budget, len(seeds))):
             return
         correct[spec] = calibrator.correct(spec)
         table[spec] = {"accuracy": sum(correct[spec]) / max(1, len(correct[spec])), "phase": phase}
