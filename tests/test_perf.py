@@ -69,3 +69,34 @@ def test_the_training_benchmark_compares_the_trainer_and_grouping_against_their_
         assert 0 < out[key]["min"] <= out[key]["median"] <= out[key]["max"], key
     assert out["padding_share"]["fixed"] >= out["padding_share"]["dynamic"] >= 0
     assert out["rounds"] == 2 and set(out["meets_floors"]) == {"trainer_over_torch_loop"}
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_at_toy_size_on_cpu_and_counts_flops_as_documented():
+    out = _bench("gpu", "--size", "tiny", "--device", "cpu", "--image-size", "32", "--batch-size", "2", "--new-tokens", "2",
+                 "--train-batch-size", "2", "--max-length", "32", "--train-steps", "1", "--warmup", "1", "--rounds", "1",
+                 "--peak-tflops", "0.5")  # fmt: skip
+    assert out["settings"]["device"] == "cpu" and out["settings"]["image_tokens"] == 4 and out["settings"]["peak_bf16_tflops"] == 0.5
+    for kind in ("text", "image"):
+        figures = out["training"][kind]
+        assert figures["seconds_per_step"] > 0 and figures["tokens_per_second"] == pytest.approx(64 / figures["seconds_per_step"], rel=1e-2)
+        assert figures["mfu"] == pytest.approx(figures["model_tflops_per_second"] / 0.5, abs=1.1e-3)  # both rounded
+    generation = out["generation"]
+    assert generation["settings"]["batch_size"] == 2 and "peak_memory_bytes" not in generation  # no peak counter on CPU
+    assert 0 < generation["fused_over_plain"]["median"] and generation["compute_floor_over_plain"] > 1
+
+
+def test_training_flops_are_six_n_per_token_plus_attention_plus_the_frozen_towers_forward():
+    from vift.config.schema import TinyModelParams
+    from vift.model.tiny import build_tiny_lvlm
+    from vift.perf.gpu import peak_tflops, training_flops
+
+    model, _ = build_tiny_lvlm(TinyModelParams(), 32, ["a small corpus of words"] * 4)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    language = count(model.model.language_model) + count(model.model.multi_modal_projector)
+    text = model.config.get_text_config()
+    per_token = 6 * language + 12 * text.num_hidden_layers * text.hidden_size * 64
+    assert training_flops(model, 2, 64, 0) == 2 * 64 * per_token
+    assert training_flops(model, 2, 64, 4) == 2 * 64 * per_token + 2 * count(model.model.vision_tower) * 2 * 4
+    assert peak_tflops("NVIDIA H200", None) == 989.0 and peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
+    assert peak_tflops("cpu", None) is None and peak_tflops("anything", 12.5) == 12.5

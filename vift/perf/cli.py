@@ -13,6 +13,7 @@ import json
 BENCHMARKS = {
     "train": "vift.perf.train",
     "fusion": "vift.perf.fusion",
+    "gpu": "vift.perf.gpu",
 }
 
 

@@ -76,31 +76,50 @@ def run(args: argparse.Namespace) -> dict:
     import tempfile
     from pathlib import Path
 
-    import torch
-
     from vift.config import load_preset
-    from vift.data.generate import generate_shapetally, training_corpus
-    from vift.data.manifests import Manifest
-    from vift.eval.runner import load_images
-    from vift.fusion.families import adapter_for
-    from vift.fusion.method import FusionSpec, fused_generate, fused_positions
-    from vift.model.loading import decoder_layers
+    from vift.data.generate import training_corpus
     from vift.model.tiny import build_tiny_lvlm
 
     params = load_preset(args.preset)
     batch = args.batch_size or params.eval.batch_size
     new_tokens = args.new_tokens or params.eval.max_new_tokens
     image_size = args.image_size or params.data.image_size
-    update = {"backbone_text": 200, "captions": 50, "text_instructions": 50, "visual_instructions": 10, "calibration": 0, "test": batch}
-    data = params.data.model_copy(update={**update, "image_size": image_size})
     with tempfile.TemporaryDirectory(prefix="vift-bench-") as scratch:
         root = Path(scratch) / "data"
-        generate_shapetally(data, root)
+        records, images = bench_questions(params.data, image_size, batch, root)
         model, processor = build_tiny_lvlm(params.model.tiny, image_size, training_corpus(root))
-        records = list(Manifest(root / "test.jsonl", "vqa"))
-        images = load_images(records, root)
     model.eval()
-    questions = [r.question for r in records]
+    result = measure(model, processor, images, [r.question for r in records], batch, new_tokens, args.rounds, not args.no_per_sample)
+    result["settings"] = {"preset": args.preset, **result["settings"]}
+    return result
+
+
+def bench_questions(data_params, image_size: int, batch: int, root):
+    """``batch`` ShapeTally test records and their images, generated under ``root``."""
+    from vift.data.generate import generate_shapetally
+    from vift.data.manifests import Manifest
+    from vift.eval.runner import load_images
+
+    update = {"backbone_text": 200, "captions": 50, "text_instructions": 50, "visual_instructions": 10, "calibration": 0, "test": batch}
+    data = data_params.model_copy(update={**update, "image_size": image_size})
+    generate_shapetally(data, root)
+    records = list(Manifest(root / "test.jsonl", "vqa"))
+    return records, load_images(records, root)
+
+
+def measure(
+    model, processor, images, questions, batch: int, new_tokens: int, rounds: int, per_sample: bool, synchronize=None, peak_memory=None
+) -> dict:
+    """The figures of this module for one model, on its device. ``synchronize``: called after every
+    candidate (e.g. ``torch.cuda.synchronize``), so asynchronous devices are timed to completion;
+    ``peak_memory(fn)``: the peak bytes allocated while ``fn`` runs, measured for plain and fused
+    generation after the timed rounds (CPU has no such counter)."""
+    import torch
+
+    from vift.fusion.families import adapter_for
+    from vift.fusion.method import FusionSpec, fused_generate, fused_positions
+    from vift.model.loading import decoder_layers
+
     adapter = adapter_for(model)
     image_inputs = adapter.image_inputs(processor, images, questions, model.device)
     text_inputs = adapter.text_inputs(processor, questions, model.device)
@@ -117,6 +136,11 @@ def run(args: argparse.Namespace) -> dict:
     # The pipeline's calibration searches question positions; additive, a and b non-zero.
     full = FusionSpec(a=0.5, b=0.5, positions="question")
     upper = FusionSpec(a=0.5, b=0.5, positions="question", layer_start=layers // 2)
+
+    def synced(fn):
+        if synchronize is None:
+            return fn
+        return lambda: (fn(), synchronize())
 
     def generate(spec):
         return lambda: fused_generate(model, processor, images, questions, spec, batch_size=batch, **generate_kwargs)
@@ -143,36 +167,41 @@ def run(args: argparse.Namespace) -> dict:
         "image_prefill": prefill(image_inputs),
         "text_prefill": prefill(text_inputs),
     }
-    if not args.no_per_sample:
+    if per_sample:
         candidates["reference_batch_1"] = reference_per_sample
-    times = interleaved(candidates, args.rounds)
+    times = interleaved({name: synced(fn) for name, fn in candidates.items()}, rounds)
     two_passes = [p + i + t for p, i, t in zip(times["plain"], times["image_prefill"], times["text_prefill"])]
+    prompt_tokens = int(image_inputs["input_ids"].shape[1])
+    text_tokens = int(text_inputs["input_ids"].shape[1])
     result = {
         "settings": {
-            "preset": args.preset,
             "batch_size": batch,
             "new_tokens": new_tokens,
             "image_tokens": image_tokens,
-            "prompt_tokens": int(image_inputs["input_ids"].shape[1]),
-            "text_prompt_tokens": int(text_inputs["input_ids"].shape[1]),
+            "prompt_tokens": prompt_tokens,
+            "text_prompt_tokens": text_tokens,
             "fused_suffix_tokens": suffix_tokens,
             "decoder_layers": layers,
             "fused_layers": [0, layers],
             "upper_half_layers": [layers // 2, layers],
             "threads": torch.get_num_threads(),
-            "rounds": args.rounds,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "rounds": rounds,
         },
         "fused_over_plain": paired_ratio(times["fused"], times["plain"]),
         "plain_plus_two_passes_over_plain": paired_ratio(two_passes, times["plain"]),
         "prefill_share_of_plain": paired_ratio(times["image_prefill"], times["plain"]),
-        "compute_floor_over_plain": None,
         "fused_upper_half_over_plain": paired_ratio(times["fused_upper_half"], times["plain"]),
         "reference_same_batch_over_fused": paired_ratio(times["reference_same_batch"], times["fused"]),
         "seconds_per_sample": {name: spread([t / batch for t in values], 6) for name, values in times.items()},
     }
-    prompt_tokens = result["settings"]["prompt_tokens"]
-    extra = (suffix_tokens + result["settings"]["text_prompt_tokens"]) / prompt_tokens
-    result["compute_floor_over_plain"] = round(1 + result["prefill_share_of_plain"]["median"] * extra, 4)
+    share = result["prefill_share_of_plain"]["median"]
+    result["compute_floor_over_plain"] = round(1 + share * (suffix_tokens + text_tokens) / prompt_tokens, 4)
     if "reference_batch_1" in times:
         result["reference_batch_1_over_fused"] = paired_ratio(times["reference_batch_1"], times["fused"])
+    if peak_memory is not None:
+        peaks = {name: peak_memory(candidates[name]) for name in ("plain", "fused", "fused_upper_half")}
+        result["peak_memory_bytes"] = peaks
+        result["fused_peak_memory_over_plain"] = round(peaks["fused"] / peaks["plain"], 4)
     return result
