@@ -51,6 +51,8 @@ def test_the_fusion_benchmark_reports_paired_ratios_against_its_baselines():
     assert out["settings"]["image_tokens"] == 4  # ci: 32 px at patch 16
     for key in (
         "fused_over_plain",
+        "fused_over_plain_in_fused_layout",
+        "plain_in_fused_layout_over_plain",
         "plain_plus_two_passes_over_plain",
         "prefill_share_of_plain",
         "fused_upper_half_over_plain",

@@ -117,7 +117,7 @@ def measure(
     import torch
 
     from vift.fusion.families import adapter_for
-    from vift.fusion.method import FusionSpec, fused_generate, fused_positions
+    from vift.fusion.method import FusionSpec, fused_generate, fused_positions, shared_prefix_layout
     from vift.model.loading import decoder_layers
 
     adapter = adapter_for(model)
@@ -152,6 +152,20 @@ def measure(
 
         return run_once
 
+    def plain_in_fused_layout():
+        """Plain generation with the prompt laid out as the shared-prefix path lays it out
+        ([pad, prefix | pad, suffix]), inputs built as fused_generate builds them: the layout alone
+        can change the speed of a forward (masked rows, attention kernels), so this is the plain
+        baseline that layout cannot flatter."""
+        image_batch = adapter.image_inputs(processor, images, questions, model.device)
+        text_batch = adapter.text_inputs(processor, questions, model.device)
+        mask = fused_positions(
+            image_batch["input_ids"], image_batch["attention_mask"], text_batch["input_ids"], text_batch["attention_mask"], "question"
+        )
+        laid, _, _ = shared_prefix_layout(image_batch, mask, model.generation_config.pad_token_id or 0)
+        with torch.inference_mode():
+            model.generate(**laid, **generate_kwargs)
+
     def reference_batched():
         reference_fused_generate(model, adapter, processor, images, questions, full, generate_kwargs)
 
@@ -161,6 +175,7 @@ def measure(
 
     candidates = {
         "plain": generate(None),
+        "plain_in_fused_layout": plain_in_fused_layout,
         "fused": generate(full),
         "fused_upper_half": generate(upper),
         "reference_same_batch": reference_batched,
@@ -190,6 +205,8 @@ def measure(
             "rounds": rounds,
         },
         "fused_over_plain": paired_ratio(times["fused"], times["plain"]),
+        "fused_over_plain_in_fused_layout": paired_ratio(times["fused"], times["plain_in_fused_layout"]),
+        "plain_in_fused_layout_over_plain": paired_ratio(times["plain_in_fused_layout"], times["plain"]),
         "plain_plus_two_passes_over_plain": paired_ratio(two_passes, times["plain"]),
         "prefill_share_of_plain": paired_ratio(times["image_prefill"], times["plain"]),
         "fused_upper_half_over_plain": paired_ratio(times["fused_upper_half"], times["plain"]),
