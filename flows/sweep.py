@@ -233,13 +233,14 @@ def vift_data_efficiency(parameters: SweepParameters = SweepParameters()) -> dic
     logger = get_run_logger()
     name = parameters.name()
     root = Path(parameters.workspace).resolve()
-    points = []
     if parameters.fan_out:
         points = fan_out(parameters, root)
-    for fraction, seed in [] if parameters.fan_out else parameters.points():
-        logger.info("sweep point: %s = %g%s", FRACTION_KEY, fraction, "" if seed is None else f", seed {seed}")
-        result = vift_pipeline(parameters.point(fraction, seed))
-        points.append((fraction, seed, result["workspace"]))
+    else:
+        points = []
+        for fraction, seed in parameters.points():
+            logger.info("sweep point: %s = %g%s", FRACTION_KEY, fraction, "" if seed is None else f", seed {seed}")
+            result = vift_pipeline(parameters.point(fraction, seed))
+            points.append((fraction, seed, result["workspace"]))
     meta = {
         "name": name, "preset": parameters.preset, "fractions": parameters.fractions, "seeds": parameters.seeds,
         "overrides": parameters.overrides,

@@ -17,6 +17,7 @@ a file on this machine: it is never opened.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import math
@@ -40,7 +41,7 @@ def shards(path: Path) -> list[Path]:
     prefix = f"{found['stem']}-"
     suffix = f"-of-{found['count']}"
     by_index: dict[int, Path] = {}
-    for candidate in sorted(path.parent.glob(f"{glob_escape(prefix)}*{suffix}*.parquet")):
+    for candidate in sorted(path.parent.glob(f"{glob.escape(prefix)}*{suffix}*.parquet")):
         match = _SHARD.match(candidate.name)
         if match and match["stem"] == found["stem"] and match["count"] == found["count"]:
             by_index.setdefault(int(match["index"]), candidate)
@@ -52,10 +53,6 @@ def shards(path: Path) -> list[Path]:
             exit_code=2,
         )
     return [by_index[i] for i in range(count)]
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def _plain(value: Any) -> Any:

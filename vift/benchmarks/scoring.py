@@ -69,12 +69,6 @@ def stated_answer(response: str) -> str | None:
     return None
 
 
-def final_segment(response: str) -> str:
-    """Where the final answer is: the stated answer (:func:`stated_answer`), else the whole response."""
-    stated = stated_answer(response)
-    return response.strip() if stated is None else stated
-
-
 def nearest_choice(text: str, choices: Sequence[str]) -> str:
     """The letter of the option nearest to ``text`` by edit distance (MathVista's ``get_most_similar``:
     the first of equally near options)."""

@@ -167,12 +167,9 @@ def steered_generate(
     )
     if states is None and reuses_prefix(model, spec, mask, generate_kwargs):
         return _prefix_steered_generate(model, layers, start, end, image_inputs, text_inputs, spec, mask, **generate_kwargs)
-    if states is None:
-        states = (
-            capture_layer_inputs(model, layers, text_inputs, start, end) if uses_text(spec) else None,
-            capture_layer_inputs(model, layers, image_inputs, start, end) if uses_image(spec) else None,
-        )
-    text_states, image_states = states
+    text_states, image_states = (
+        states if states is not None else _needed_captures(model, layers, spec, text_inputs, image_inputs, start, end)
+    )
     image_len = image_inputs["input_ids"].shape[1]
     edits = _edits(model, spec, text_states, image_states, mask, image_len, start, end)
     with PrefillEditor(layers, start, edits).active():
@@ -187,6 +184,14 @@ def uses_text(spec: FusionSpec) -> bool:
 def uses_image(spec: FusionSpec) -> bool:
     """Whether ``spec`` reads the unsteered image+question states V."""
     return (spec.b if spec.mode == "additive" else spec.w_vis) != 0
+
+
+def _needed_captures(model, layers, spec: FusionSpec, text_inputs: dict, image_inputs: dict, start: int, end: int):
+    """``(T, V)`` captures of layers [start, end); a state the spec weighs by 0 is not captured (None)."""
+    return (
+        capture_layer_inputs(model, layers, text_inputs, start, end) if uses_text(spec) else None,
+        capture_layer_inputs(model, layers, image_inputs, start, end) if uses_image(spec) else None,
+    )
 
 
 def _edits(model, spec: FusionSpec, text_states, image_states, mask: torch.Tensor, length: int, start: int, end: int) -> list:
@@ -257,10 +262,8 @@ def _prefix_steered_generate(model, layers, start: int, end: int, image_inputs: 
         cache = model.generate(**prefix, max_new_tokens=1, do_sample=False, return_dict_in_generate=True).cache
     suffix_inputs = {k: v for k, v in inputs.items() if k in SEQUENCE_KEYS}  # the image is in the cache
     s_len = suffix_inputs["input_ids"].shape[1] - p_len
-    text_states = capture_layer_inputs(model, layers, text_inputs, start, end) if uses_text(spec) else None
-    image_states = (
-        capture_layer_inputs(model, layers, {**suffix_inputs, "cache": copy.deepcopy(cache)}, start, end) if uses_image(spec) else None
-    )
+    image_suffix = {**suffix_inputs, "cache": copy.deepcopy(cache)}
+    text_states, image_states = _needed_captures(model, layers, spec, text_inputs, image_suffix, start, end)
     edits = _edits(model, spec, text_states, image_states, laid_mask[:, p_len:], s_len, start, end)
     with torch.inference_mode(), PrefillEditor(layers, start, edits).active():
         out = model.generate(**suffix_inputs, cache=cache, **generate_kwargs)
