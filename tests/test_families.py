@@ -639,6 +639,35 @@ def test_fusion_edits_the_prefill_of_the_fused_positions_only(family, images, mo
     assert not torch.allclose(steered_next[mask], plain_next[mask])
 
 
+def test_the_variants_edit_the_prefill_as_specified(family, images, monkeypatch):
+    """Norm-preserving fusion keeps each fused position's norm; a steered prefix edits every real
+    position of the image prompt (image tokens included) and leaves the padding alone. The full
+    path's mechanics (the shared-prefix path equals it: the exactness test above)."""
+    monkeypatch.setattr(fusion_method, "reuses_prefix", lambda *args: False)
+    spec, model, processor = family
+    layers = model.get_decoder().layers
+    image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
+    mask = question_positions(image_inputs, text_inputs)
+    real = image_inputs["attention_mask"].bool()
+    prompt_len, steps = image_inputs["input_ids"].shape[1], GENERATE["max_new_tokens"]
+    outputs = []
+    for fusion in (
+        FusionSpec(a=1.0, b=0.5, layer_start=1, layer_end=2, preserve_norm=True),
+        FusionSpec(a=1.0, b=0.5, layer_start=1, layer_end=2, steer_prefix=True),
+    ):
+        with layer_spies(layers) as (before, after):
+            outputs.append(generate(model, image_inputs, fusion, text_inputs))
+        given, used = before[1][-steps], after[1][-steps]  # the steered generate's prefill (a capture stops before `after`)
+        assert given.shape[1] == prompt_len
+        changed = (used != given).any(dim=-1)
+        if fusion.preserve_norm:
+            assert torch.equal(changed, mask)
+            assert torch.allclose(used.norm(dim=-1)[mask], given.norm(dim=-1)[mask], rtol=1e-5, atol=0)
+        else:
+            assert torch.equal(changed, real)  # the image tokens too; padding never
+    assert not torch.allclose(outputs[0].logits[0], outputs[1].logits[0])
+
+
 def test_a_batch_equals_the_samples_one_by_one(family, images):
     _, model, processor = family
     fusion = FusionSpec(a=0.8, b=0.4, layer_start=1)
@@ -742,14 +771,16 @@ REUSES_PREFIX = {"llava", "llava_onevision", "llava_next", "idefics2", "idefics3
 @pytest.mark.parametrize(
     "fusion",
     [FusionSpec(a=0.7, b=0.3, layer_start=1), FusionSpec(mode="replace", w_vis=0.6, w_text=0.5, layer_start=0, layer_end=2),
-     FusionSpec(a=0.9, b=0.0, layer_start=2), FusionSpec(mode="replace", w_vis=0.0, w_text=1.0, layer_start=1)],
-    ids=["additive", "replace", "text-only-weight", "image-weight-0"],
+     FusionSpec(a=0.9, b=0.0, layer_start=2), FusionSpec(mode="replace", w_vis=0.0, w_text=1.0, layer_start=1),
+     FusionSpec(a=0.7, b=0.3, layer_start=1, preserve_norm=True), FusionSpec(a=0.7, b=0.3, layer_start=1, steer_prefix=True)],
+    ids=["additive", "replace", "text-only-weight", "image-weight-0", "norm-preserving", "steer-prefix"],
 )  # fmt: skip
 def test_the_shared_prefix_path_answers_exactly_as_the_full_path(family, images, fusion, monkeypatch):
     spec, model, processor = family
     image_inputs, text_inputs = inputs_for(model, processor, images, QUESTIONS)
     mask = question_positions(image_inputs, text_inputs)
-    reused = spec.name in REUSES_PREFIX and fusion_method.uses_image(fusion)  # b = 0: one prefill anyway
+    # b = 0: one prefill anyway; a steered prefix differs between the two passes, so it cannot be shared
+    reused = spec.name in REUSES_PREFIX and fusion_method.uses_image(fusion) and not fusion.steer_prefix
     assert fusion_method.reuses_prefix(model, fusion, mask, GENERATE) == reused
     layer = model.get_decoder().layers[0]
     seen: list[int] = []

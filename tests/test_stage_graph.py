@@ -17,7 +17,7 @@ import yaml
 
 import vift.stages
 from vift.closure import ROOT, closure
-from vift.paths import STAGES
+from vift.paths import STAGES, TRAINING_STAGES
 
 CODE_ROOTS = ("vift/", "flows/")
 # The stages whose outputs carry code: the registered model ships the files its loader imports.
@@ -88,6 +88,15 @@ def test_the_speed_benchmarks_and_real_benchmark_tools_are_in_no_stage():
     for stage in STAGES:
         files = {str(p) for p in closure(f"vift.stages.{stage}", *SHIPPED.get(stage, ()))}
         assert not {f for f in files if f.startswith(("vift/perf/", "vift/benchmarks/", "vift/cli.py", "flows/"))}, stage
+
+
+def test_no_training_stage_depends_on_the_fusion_method():
+    """Changing how fusion works (an inference-time method) reruns calibration and evaluation, never
+    training: the training stages check their models with plain generation only."""
+    for stage in ("data", "base", *TRAINING_STAGES):
+        files = {str(p) for p in closure(f"vift.stages.{stage}", *SHIPPED.get(stage, ()))}
+        assert not files & {"vift/fusion/method.py", "vift/fusion/hooks.py", "vift/fusion/calibrate.py", "vift/fusion/modes.py"}, stage
+    assert "vift/fusion/method.py" in {str(p) for p in closure("vift.stages.calibrate")}
 
 
 def write_code_deps(text: str) -> str:

@@ -742,7 +742,7 @@ def _write(path: Path, content) -> Path:
         ({"fusion": [0.5]}, "{path}: expected a JSON object with a 'fusion' object"),
         (
             {"fusion": {"beta": 2, "alpha": 1}},
-            "{path}: unknown fusion field(s) alpha, beta; known: a, b, layer_end, layer_start, mode, positions, w_text, w_vis",
+            "{path}: unknown fusion field(s) alpha, beta; known: a, b, layer_end, layer_start, mode, positions, preserve_norm, steer_prefix, w_text, w_vis",
         ),
         (
             {"fusion": {"a": "lots", "mode": "sideways"}},

@@ -228,6 +228,10 @@ class CalibrationParams(Section):
     positions: list[Literal["question", "text_prompt"]] = ["question"]
     weights: list[Float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     layer_ranges: list[tuple[Int, Int]] | None = Field(None, description="[start, end) candidates; None: derived from the model's depth")
+    preserve_norm: list[bool] = Field([False], description="norm-preserving injection off/on (searched like a mode)")
+    steer_prefix: list[bool] = Field(
+        [False], description="also steer the positions before the question, image included (additive configurations only)"
+    )
     budget: Int = Field(60, ge=1, description="most configurations evaluated (coarse grid + refinement)")
     batch_size: Int = Field(32, ge=1)
     significance: Float = Field(
@@ -240,9 +244,11 @@ class CalibrationParams(Section):
 
     @model_validator(mode="after")
     def _search_space_is_not_empty(self) -> CalibrationParams:
-        for name in ("modes", "positions", "weights"):
+        for name in ("modes", "positions", "weights", "preserve_norm", "steer_prefix"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must list at least one value (the search would be empty)")
+        if self.steer_prefix == [True] and "additive" not in self.modes:
+            raise ValueError("steer_prefix [true] needs the additive mode among modes (replace cannot steer the prefix)")
         if self.layer_ranges is not None:
             if not self.layer_ranges:
                 raise ValueError("layer_ranges must list at least one [start, end) range, or be null")
@@ -263,12 +269,16 @@ class FusionParams(Section):
     w_text: Float = 0.0
     layer_start: Int = Field(0, ge=0)
     layer_end: Int | None = Field(None, ge=1, description="exclusive; None: the last decoder layer")
+    preserve_norm: bool = Field(False, description="rescale each edited position to its norm before the edit")
+    steer_prefix: bool = Field(False, description="also add the mean question edit to every earlier position (additive only)")
     calibrate: CalibrationParams = CalibrationParams()
 
     @model_validator(mode="after")
     def _range_is_ordered(self) -> FusionParams:
         if self.layer_end is not None and self.layer_end <= self.layer_start:
             raise ValueError("layer_end must be greater than layer_start")
+        if self.steer_prefix and self.mode != "additive":
+            raise ValueError("steer_prefix needs mode additive (it adds the mean question edit a·T − b·V)")
         return self
 
 

@@ -142,10 +142,18 @@ class Calibrator:
         return total / max(1, count)
 
 
-def _grid(mode: str, positions: str, layer_range: tuple[int, int], weights: Sequence[float]) -> list[FusionSpec]:
+def _grid(
+    mode: str,
+    positions: str,
+    layer_range: tuple[int, int],
+    weights: Sequence[float],
+    preserve_norm: bool = False,
+    steer_prefix: bool = False,
+) -> list[FusionSpec]:
     first, second = WEIGHT_FIELDS[mode]
+    variant = {"preserve_norm": preserve_norm, "steer_prefix": steer_prefix}
     return [
-        FusionSpec(mode=mode, positions=positions, layer_start=layer_range[0], layer_end=layer_range[1], **{first: x, second: y})
+        FusionSpec(mode=mode, positions=positions, layer_start=layer_range[0], layer_end=layer_range[1], **variant, **{first: x, second: y})
         for x, y in itertools.product(weights, weights)
     ]
 
@@ -189,8 +197,12 @@ def search(
     """
     ranges = candidate_ranges(calibrator.num_layers, params.layer_ranges)
     coarse_weights = sorted(set(params.weights[::2]) | {params.weights[-1]})
-    groups = [_grid(m, p, r, coarse_weights) for m, p, r in itertools.product(params.modes, params.positions, ranges)]
-    # Round-robin over (mode, positions, range) groups, so a truncated coarse grid covers each alike.
+    groups = [
+        _grid(m, p, r, coarse_weights, norm, steer)
+        for m, p, r, norm, steer in itertools.product(params.modes, params.positions, ranges, params.preserve_norm, params.steer_prefix)
+        if m == "additive" or not steer  # replace cannot steer the prefix
+    ]
+    # Round-robin over (mode, positions, range, variant) groups, so a truncated coarse grid covers each alike.
     grid = [spec for row in zip(*groups) for spec in row] if params.search else []
     seeds = list(dict.fromkeys([NEUTRAL, start]))  # always evaluated, whatever the budget
     coarse = list(dict.fromkeys([*seeds, *grid]))

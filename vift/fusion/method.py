@@ -14,6 +14,12 @@ Fused positions are aligned from the right (both batches are left-padded):
 Decode steps are untouched; they see the fusion through the KV cache. a = b = 0, or w_vis = 1 and
 w_text = 0, reproduce the plain model exactly.
 
+Two variants (off by default; docs/RESULTS.md measures them):
+- ``preserve_norm``: after the edit, each edited position is rescaled to the norm its hidden state
+  had before (norm-preserving injection, as in L2V-CoT);
+- ``steer_prefix`` (additive only): every real position before the fused ones, the image tokens
+  included, also gets the sample's mean edit over its fused positions (a textual steering vector).
+
 Compared with the reference (one sample at a time, three full prefills), everything is batched, and
 both capture passes stop after the last fused layer.
 
@@ -41,6 +47,7 @@ from typing import Any, Literal
 
 import torch
 
+from vift.fusion.generation import generate_answers
 from vift.fusion.hooks import PrefillEditor, capture_layer_inputs
 from vift.model.loading import decoder_layers
 
@@ -60,6 +67,12 @@ class FusionSpec:
     w_text: float = 0.0
     layer_start: int = 0
     layer_end: int | None = None
+    preserve_norm: bool = False
+    steer_prefix: bool = False
+
+    def __post_init__(self):
+        if self.steer_prefix and self.mode != "additive":
+            raise ValueError("steer_prefix adds the mean question edit a·T − b·V: additive mode only")
 
     @classmethod
     def from_dict(cls, values: dict) -> FusionSpec:
@@ -128,15 +141,32 @@ def _repeat_for(hidden: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tens
     return [t if factor == 1 else t.repeat_interleave(factor, dim=0) for t in tensors]
 
 
-def _edit(spec: FusionSpec, text_state: torch.Tensor, image_state: torch.Tensor, mask: torch.Tensor):
-    """The fusion formula at one layer, as an edit of that layer's prefill hidden states."""
+def _edit(spec: FusionSpec, text_state: torch.Tensor, image_state: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None = None):
+    """The fusion formula at one layer, as an edit of that layer's prefill hidden states.
+
+    ``prefix`` (with ``steer_prefix``): the real positions before the fused ones, which get the
+    sample's mean edit over its fused positions. With ``preserve_norm`` every edited position is
+    rescaled to the norm it had before the edit.
+    """
 
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         text, image, where = _repeat_for(hidden, text_state, image_state, mask[..., None])
         # Both formulas build a new tensor: the input (which a caller may still hold) is never written.
         if spec.mode == "additive":
-            return hidden + where * (spec.a * text - spec.b * image)
-        return torch.where(where, spec.w_vis * image + spec.w_text * text, hidden)
+            delta = where * (spec.a * text - spec.b * image)
+            edited = hidden + delta
+            if prefix is not None:
+                (before,) = _repeat_for(hidden, prefix[..., None])
+                mean = delta.sum(dim=1, keepdim=True) / where.sum(dim=1, keepdim=True).clamp_min(1)
+                edited = edited + before * mean
+                where = where | before
+        else:
+            edited = torch.where(where, spec.w_vis * image + spec.w_text * text, hidden)
+        if spec.preserve_norm:
+            tiny = torch.finfo(edited.dtype).tiny
+            scale = hidden.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(tiny)
+            edited = torch.where(where, edited * scale, edited)
+        return edited
 
     return edit
 
@@ -171,7 +201,8 @@ def steered_generate(
         states if states is not None else _needed_captures(model, layers, spec, text_inputs, image_inputs, start, end)
     )
     image_len = image_inputs["input_ids"].shape[1]
-    edits = _edits(model, spec, text_states, image_states, mask, image_len, start, end)
+    prefix = image_inputs["attention_mask"].bool() & ~mask if spec.steer_prefix else None
+    edits = _edits(model, spec, text_states, image_states, mask, image_len, start, end, prefix)
     with PrefillEditor(layers, start, edits).active():
         return model.generate(**image_inputs, **generate_kwargs)
 
@@ -194,7 +225,17 @@ def _needed_captures(model, layers, spec: FusionSpec, text_inputs: dict, image_i
     )
 
 
-def _edits(model, spec: FusionSpec, text_states, image_states, mask: torch.Tensor, length: int, start: int, end: int) -> list:
+def _edits(
+    model,
+    spec: FusionSpec,
+    text_states,
+    image_states,
+    mask: torch.Tensor,
+    length: int,
+    start: int,
+    end: int,
+    prefix: torch.Tensor | None = None,
+) -> list:
     """One edit per fused layer over ``length`` positions; states not captured (weight 0) count as 0."""
     for captured in (text_states, image_states):
         if captured is not None and len(captured) != end - start:
@@ -205,7 +246,7 @@ def _edits(model, spec: FusionSpec, text_states, image_states, mask: torch.Tenso
     for index in range(end - start):
         text = zeros if text_states is None else align_right(text_states[index], length)
         image = zeros if image_states is None else image_states[index]
-        edits.append(_edit(spec, text, image, mask))
+        edits.append(_edit(spec, text, image, mask, prefix))
     return edits
 
 
@@ -219,6 +260,8 @@ def reuses_prefix(model, spec: FusionSpec, mask: torch.Tensor, generate_kwargs: 
 
     if spec.positions != "question" or not uses_image(spec) or not adapter_for(model).reuses_prefix:
         return False  # without V to capture, the full path prefills the image prompt only once anyway
+    if spec.steer_prefix:
+        return False  # the prefix itself is edited: it differs between the unsteered and steered passes
     if generate_kwargs.get("num_beams", 1) != 1 or generate_kwargs.get("num_return_sequences", 1) != 1:
         return False
     window = getattr(model.config.get_text_config(), "sliding_window", None)
@@ -295,25 +338,13 @@ def fused_generate(
     images (text-only prompts; no fusion). ``generate_kwargs`` go to ``generate`` (greedy by
     default). The one entry point for evaluation, ``vift predict`` and the MLflow model.
     """
-    from vift.fusion.families import adapter_for
-
     if images is None and fusion is not None and not fusion.is_neutral:
         raise ValueError("fusion needs images: it fuses text-only states into the image+question pass")
-    adapter = adapter_for(model)
-    generate_kwargs.setdefault("do_sample", False)
-    answers: list[str] = []
-    for begin in range(0, len(questions), batch_size):
-        batch_questions = list(questions[begin : begin + batch_size])
-        if images is None:
-            inputs = adapter.text_inputs(processor, batch_questions, model.device)
-        else:
-            inputs = adapter.image_inputs(processor, list(images[begin : begin + batch_size]), batch_questions, model.device)
-        if fusion is None or fusion.is_neutral or images is None:
-            with torch.inference_mode():
-                sequences = model.generate(**inputs, **generate_kwargs)
-        else:
+    steer = None
+    if fusion is not None and not fusion.is_neutral:
+
+        def steer(adapter, inputs: dict, batch_questions: list[str], kwargs: dict):
             text_inputs = adapter.text_inputs(processor, batch_questions, model.device)
-            sequences = steered_generate(model, inputs, text_inputs, fusion, **generate_kwargs)
-        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
-        answers.extend(t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True))
-    return answers
+            return steered_generate(model, inputs, text_inputs, fusion, **kwargs)
+
+    return generate_answers(model, processor, images, questions, batch_size, steer, **generate_kwargs)

@@ -10,7 +10,7 @@ from vift.config.schema import Params
 from vift.data.generate import training_corpus
 from vift.data.manifests import Manifest, reference_of
 from vift.data.world import text_prompt
-from vift.fusion.method import fused_generate
+from vift.fusion.generation import generate_answers
 from vift.io import atomic_directory, atomic_write_json
 from vift.model.compose import compose_llava
 from vift.model.loading import snapshot_checkpoint
@@ -34,7 +34,7 @@ def text_accuracy(model, processor, batch_size: int) -> dict:
     # ShapeTally's format (what backbone_text pretrains on), not params.prompts: a prompt change
     # must not retrain the base for a report-only check.
     prompts = [text_prompt(reference, r.question) for reference, r in zip(references, items)]
-    answers = fused_generate(model, processor, None, prompts, None, batch_size=batch_size, max_new_tokens=4)
+    answers = generate_answers(model, processor, None, prompts, batch_size=batch_size, max_new_tokens=4)
     correct = [a == r.answer for a, r in zip(answers, items)]
     by_type: dict[str, list[bool]] = {}
     for ok, record in zip(correct, items):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vift.data.manifests import Manifest, caption_instruction, load_rgb, reference_of, resolve_image
-from vift.fusion.method import fused_generate
+from vift.fusion.generation import generate_answers
 
 
 def caption_phrases(caption: str) -> set[str]:
@@ -63,7 +63,7 @@ def caption_quality(
     was_training = model.training
     model.eval()
     try:
-        generated = fused_generate(model, processor, images, [prompt] * len(items), None, batch_size=batch_size, max_new_tokens=longest + 4)
+        generated = generate_answers(model, processor, images, [prompt] * len(items), batch_size=batch_size, max_new_tokens=longest + 4)
     finally:
         model.train(was_training)
     result = score_captions(generated, references)
