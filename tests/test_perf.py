@@ -53,6 +53,8 @@ def test_the_fusion_benchmark_reports_paired_ratios_against_its_baselines():
         "fused_over_plain",
         "fused_over_plain_in_fused_layout",
         "plain_in_fused_layout_over_plain",
+        "fused_over_plain_split_prefill",
+        "plain_split_prefill_over_plain",
         "plain_plus_two_passes_over_plain",
         "prefill_share_of_plain",
         "fused_upper_half_over_plain",
@@ -62,6 +64,33 @@ def test_the_fusion_benchmark_reports_paired_ratios_against_its_baselines():
         assert 0 < out[key]["min"] <= out[key]["median"] <= out[key]["max"], key
     assert out["plain_plus_two_passes_over_plain"]["min"] > 1  # plain plus two passes costs more than plain
     assert out["settings"]["upper_half_layers"] == [2, 4]
+    peaks = out["peak_memory_bytes"]
+    assert out["peak_memory_measure"].startswith("CPU:") and all(peaks[name] > 0 for name in ("plain", "fused", "fused_upper_half"))
+    assert out["fused_peak_memory_over_plain"] == pytest.approx(peaks["fused"] / peaks["plain"], abs=1e-4)
+
+
+def test_the_cpu_peak_memory_of_a_call_is_what_it_holds_at_its_worst_moment_not_the_process_peak():
+    import torch
+
+    from vift.perf.memory import available, peak_growth_bytes
+
+    assert available()  # Linux and glibc, as CI
+
+    def two_blocks():  # 64 MiB, then 64 MiB more while the first is alive: 128 MiB at the peak
+        first = torch.ones(16 << 20)
+        second = first * 2
+        del first, second
+
+    def one_block_at_a_time():
+        for _ in range(2):
+            block = torch.ones(16 << 20)
+            del block
+
+    for fn in (two_blocks, one_block_at_a_time):
+        fn()  # the warm-up the benchmark runs too
+    assert peak_growth_bytes(two_blocks) == pytest.approx(128 << 20, rel=0.05)
+    assert peak_growth_bytes(one_block_at_a_time) == pytest.approx(64 << 20, rel=0.05)  # freed memory is returned, then reused
+    assert peak_growth_bytes(lambda: None) < 4 << 20
 
 
 @pytest.mark.slow
@@ -84,7 +113,9 @@ def test_the_gpu_check_runs_end_to_end_at_toy_size_on_cpu_and_counts_flops_as_do
         assert figures["seconds_per_step"] > 0 and figures["tokens_per_second"] == pytest.approx(64 / figures["seconds_per_step"], rel=1e-2)
         assert figures["mfu"] == pytest.approx(figures["model_tflops_per_second"] / 0.5, abs=1.1e-3)  # both rounded
     generation = out["generation"]
-    assert generation["settings"]["batch_size"] == 2 and "peak_memory_bytes" not in generation  # no peak counter on CPU
+    assert generation["settings"]["batch_size"] == 2
+    assert generation["peak_memory_measure"].startswith("CPU: peak resident memory during the call above")
+    assert set(generation["peak_memory_bytes"]) == {"plain", "fused", "fused_upper_half"}
     assert 0 < generation["fused_over_plain"]["median"] and generation["compute_floor_over_plain"] > 1
 
 

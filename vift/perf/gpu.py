@@ -164,6 +164,8 @@ def run(args: argparse.Namespace) -> dict:
     # Generation: the weights in bf16 on CUDA, as served.
     model.to(dtype).eval()
 
+    from vift.perf import memory
+
     def peak_memory(fn) -> int:
         synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -173,8 +175,10 @@ def run(args: argparse.Namespace) -> dict:
 
     generation = measure(
         model, processor, images, [r.question for r in records], args.batch_size, args.new_tokens, args.rounds,
-        per_sample=False, synchronize=synchronize, peak_memory=peak_memory if cuda else None,
+        per_sample=False, synchronize=synchronize, peak_memory=peak_memory if cuda else memory.peak_growth_bytes if memory.available() else None,
     )  # fmt: skip
+    if "peak_memory_bytes" in generation:
+        generation["peak_memory_measure"] = memory.CUDA_MEASURE if cuda else memory.CPU_MEASURE
     return {
         "settings": {
             "size": args.size,
