@@ -46,8 +46,13 @@ PLOTTED_ROWS = {
     "vit_baseline": "vit",
 }
 FLAT_ROWS = ("majority_per_type",)  # need no training data: a horizontal reference line
-# Paired differences (same test items) of vift_fused against: the baseline, and the text-prior control.
-PAIRED_WITH = ("vit_baseline", "question_only")
+# The controls of the ablation, reported as rows too where the evaluation has them (an imported
+# data set without scene descriptions or without a baseline may lack some): fusion over another
+# item's image and over a black one, and the model answering over its own caption.
+CONTROL_ROWS = ("fused_wrong_image", "fused_blank_image", "describe_then_answer")
+# Paired differences (same test items) of vift_fused against: the baseline, the text-prior control,
+# and the two image controls (a gain they share is not perception).
+PAIRED_WITH = ("vit_baseline", "question_only", "fused_wrong_image", "fused_blank_image")  # the main table: the first two
 STAGE_REPORTS = ("train_caption", "train_text", "train_vit")
 OUTPUT_NAMES = ("data_efficiency.json", "data_efficiency.csv", "data_efficiency.md", "data_efficiency.png")
 
@@ -93,7 +98,8 @@ def collect_point(workspace: Path, fraction: float, seed: int | None = None) -> 
     missing = [row for row in (*PLOTTED_ROWS, *FLAT_ROWS) if row not in metrics.get("rows", {})]
     if missing:
         raise UserError(f"{metrics_path}: rows {missing} missing; rerun the evaluate stage")
-    rows = {row: {key: metrics["rows"][row][key] for key in ("accuracy", "ci95", "n")} for row in (*PLOTTED_ROWS, *FLAT_ROWS)}
+    present = (*PLOTTED_ROWS, *FLAT_ROWS, *(row for row in CONTROL_ROWS if row in metrics["rows"]))
+    rows = {row: {key: metrics["rows"][row][key] for key in ("accuracy", "ci95", "n")} for row in present}
     return {
         "fraction": fraction,
         "seed": seed,
@@ -138,7 +144,8 @@ def across_seeds(points: list[dict]) -> dict:
     per paired comparison the mean difference, its across-seed interval, and in how many seeds the
     seed's own paired interval lies above / below 0."""
     rows = {}
-    for row in (*PLOTTED_ROWS, *FLAT_ROWS):
+    controls = [row for row in CONTROL_ROWS if all(row in p["rows"] for p in points)]
+    for row in (*PLOTTED_ROWS, *FLAT_ROWS, *controls):
         values = [p["rows"][row]["accuracy"] for p in points]
         low, high = mean_interval(values)
         rows[row] = {
@@ -246,7 +253,7 @@ def table_markdown(summary: dict) -> str:
     ]
     for point in per_fraction(summary):
         cells = {row: _cell(v) for row, v in point["rows"].items()}
-        differences = [_difference((point.get("paired") or {}).get(other)) for other in PAIRED_WITH]
+        differences = [_difference((point.get("paired") or {}).get(other)) for other in PAIRED_WITH[:2]]
         lines.append(
             f"| {point['fraction']:g} | {point['samples']['vift']} | {cells['vift_fused']} | {cells['vift_unfused']} | "
             f"{cells['question_only']} | {point['samples']['vit']} | {cells['vit_baseline']} | {' | '.join(differences)} | "
@@ -255,6 +262,7 @@ def table_markdown(summary: dict) -> str:
         )
     majority = per_fraction(summary)[-1]["rows"]["majority_per_type"]["accuracy"]
     lines += ["", f"majority_per_type (no training data): {percent(majority)} %.", ""]
+    lines += _controls_table(per_fraction(summary), "## Controls" + (" (mean over seeds)" if seeded else ""), seeded=False)
     if seeded:
         lines += [
             "## Each seed",
@@ -265,13 +273,30 @@ def table_markdown(summary: dict) -> str:
         ]
         for point in summary["points"]:
             cells = {row: _cell(v) for row, v in point["rows"].items()}
-            differences = [_difference((point.get("paired") or {}).get(other)) for other in PAIRED_WITH]
+            differences = [_difference((point.get("paired") or {}).get(other)) for other in PAIRED_WITH[:2]]
             lines.append(
                 f"| {point['fraction']:g} | {point.get('seed')} | {cells['vift_fused']} | {cells['vift_unfused']} | "
                 f"{cells['question_only']} | {cells['vit_baseline']} | {cells['majority_per_type']} | {' | '.join(differences)} |"
             )
         lines.append("")
+        lines += _controls_table(summary["points"], "## Controls, each seed", seeded=True)
     return "\n".join(lines)
+
+
+def _controls_table(points: list[dict], title: str, seeded: bool) -> list[str]:
+    """Fusion against its image controls, and describe-then-answer, where the points have them."""
+    rows = [row for row in CONTROL_ROWS if all(row in p["rows"] for p in points)]
+    if not rows:
+        return []
+    head = ["fraction", *(["seed"] if seeded else []), "vift_fused", *rows]
+    head += ["fused - wrong image (paired 95 % CI)", "fused - blank image (paired 95 % CI)"]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for point in points:
+        cells = [f"{point['fraction']:g}", *([str(point.get("seed"))] if seeded else [])]
+        cells += [_cell(point["rows"][row]) for row in ("vift_fused", *rows)]
+        cells += [_difference((point.get("paired") or {}).get(other)) for other in ("fused_wrong_image", "fused_blank_image")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(summary: dict, path: Path) -> None:

@@ -16,6 +16,7 @@ from flows import efficiency
 from vift.errors import UserError
 
 ROWS = ("vift_fused", "vift_unfused", "question_only", "vit_baseline", "majority_per_type")
+CONTROLS = ("fused_wrong_image", "fused_blank_image", "describe_then_answer")
 
 
 def write_point(workspace: Path, fraction: float, captions: int, instructions: int, accuracy: dict[str, float]) -> Path:
@@ -30,10 +31,14 @@ def write_point(workspace: Path, fraction: float, captions: int, instructions: i
         summary = {"steps": 6, "data_fraction": fraction, "mixture": {split: {"records": n} for split, n in mixture.items()}}
         quality = {"phrase_f1": 0.125 if stage == "train_caption" else 0.25}
         (reports / f"{stage}.json").write_text(json.dumps({"summary": summary, "caption_quality": quality, "history": []}))
-    rows = {row: {"accuracy": accuracy[row], "ci95": [accuracy[row] - 0.05, accuracy[row] + 0.05], "n": 100, "by_type": {}} for row in ROWS}
+    present = [row for row in (*ROWS, *CONTROLS) if row in accuracy]
+    rows = {
+        row: {"accuracy": accuracy[row], "ci95": [accuracy[row] - 0.05, accuracy[row] + 0.05], "n": 100, "by_type": {}} for row in present
+    }
     paired = {
         f"vift_fused_vs_{other}": {"difference": accuracy["vift_fused"] - accuracy[other], "ci95": [-0.1, 0.1]}
-        for other in ("vit_baseline", "question_only")
+        for other in ("vit_baseline", "question_only", "fused_wrong_image", "fused_blank_image")
+        if other in accuracy
     }
     (reports / "metrics.json").write_text(json.dumps({"rows": rows, "paired": paired}))
     return workspace
@@ -145,3 +150,29 @@ def test_without_seeds_the_summary_has_no_across_seed_part(tmp_path):
     summary = efficiency.summarize([point], {"preset": "ci", "fractions": [1.0], "overrides": {}})
     assert "across_seeds" not in summary and efficiency.per_fraction(summary) == summary["points"]
     assert "Each seed" not in efficiency.table_markdown(summary)
+
+
+def test_the_image_controls_and_describe_then_answer_are_rows_of_the_sweep_with_their_paired_differences(tmp_path):
+    points = []
+    for seed, (wrong, blank) in enumerate([(0.40, 0.46), (0.44, 0.42), (0.41, 0.44)]):
+        acc = {**accuracies(0.41 + seed / 100, 0.5), "fused_wrong_image": wrong, "fused_blank_image": blank, "describe_then_answer": 0.57}
+        points.append(efficiency.collect_point(write_point(tmp_path / f"s{seed}", 1.0, 120, 120, acc), 1.0, seed))
+    summary = efficiency.summarize(points, {"preset": "ci", "fractions": [1.0], "seeds": [0, 1, 2]})
+    (fraction,) = summary["across_seeds"]
+    assert fraction["rows"]["fused_wrong_image"]["per_seed"] == [0.40, 0.44, 0.41]
+    assert fraction["rows"]["describe_then_answer"]["accuracy"] == pytest.approx(0.57)
+    blank = fraction["paired"]["fused_blank_image"]
+    assert blank["per_seed"] == pytest.approx([-0.05, 0.0, -0.01]) and blank["seeds"] == 3
+    table = efficiency.table_markdown(summary)
+    assert "## Controls (mean over seeds)" in table and "## Controls, each seed" in table
+    assert (
+        "| 1 | 2 | 43.0 [38.0, 48.0] | 41.0 [36.0, 46.0] | 44.0 [39.0, 49.0] | 57.0 [52.0, 62.0] | +2.0 [-10.0, +10.0] | -1.0 [-10.0, +10.0] |"
+        in table
+    )
+
+
+def test_points_without_the_controls_still_summarise_without_their_table(tmp_path):
+    point = efficiency.collect_point(write_point(tmp_path / "p", 1.0, 30, 30, accuracies(0.4, 0.5)), 1.0)
+    summary = efficiency.summarize([point], {"preset": "ci", "fractions": [1.0]})
+    assert set(point["rows"]) == set(ROWS) and point["paired"]["fused_blank_image"] is None
+    assert "## Controls" not in efficiency.table_markdown(summary)
