@@ -65,7 +65,8 @@ def test_the_fusion_benchmark_reports_paired_ratios_against_its_baselines():
     assert out["plain_plus_two_passes_over_plain"]["min"] > 1  # plain plus two passes costs more than plain
     assert out["settings"]["upper_half_layers"] == [2, 4]
     peaks = out["peak_memory_bytes"]
-    assert out["peak_memory_measure"].startswith("CPU:") and all(peaks[name] > 0 for name in ("plain", "fused", "fused_upper_half"))
+    assert out["peak_memory_measure"].startswith("CPU:") and set(peaks) == {"plain", "plain_split_prefill", "fused", "fused_upper_half"}
+    assert all(value > 0 for value in peaks.values())
     assert out["fused_peak_memory_over_plain"] == pytest.approx(peaks["fused"] / peaks["plain"], abs=1e-4)
 
 
@@ -115,7 +116,7 @@ def test_the_gpu_check_runs_end_to_end_at_toy_size_on_cpu_and_counts_flops_as_do
     generation = out["generation"]
     assert generation["settings"]["batch_size"] == 2
     assert generation["peak_memory_measure"].startswith("CPU: peak resident memory during the call above")
-    assert set(generation["peak_memory_bytes"]) == {"plain", "fused", "fused_upper_half"}
+    assert set(generation["peak_memory_bytes"]) == {"plain", "plain_split_prefill", "fused", "fused_upper_half"}
     assert 0 < generation["fused_over_plain"]["median"] and generation["compute_floor_over_plain"] > 1
 
 

@@ -247,9 +247,10 @@ def measure(
         result["reference_batch_1_over_fused"] = paired_ratio(times["reference_batch_1"], times["fused"])
     if peak_memory is not None:
         peaks = {}
-        for name in ("plain", "fused", "fused_upper_half"):
+        for name in ("plain", "plain_split_prefill", "fused", "fused_upper_half"):
             candidates[name]()  # warm-up: one-time allocations are not the call's
             peaks[name] = peak_memory(candidates[name])
         result["peak_memory_bytes"] = peaks
         result["fused_peak_memory_over_plain"] = round(peaks["fused"] / peaks["plain"], 4)
+        result["fused_peak_memory_over_plain_split_prefill"] = round(peaks["fused"] / peaks["plain_split_prefill"], 4)
     return result
