@@ -235,6 +235,16 @@ def rule_score(record: VQARecord, response: str) -> dict:
     return {"extracted": extracted, "correct": rule_correct(record, extracted), "scored_by": "rules"}
 
 
+# What the rules below do, per benchmark, in a sentence: recorded in metrics.json as "extraction".
+EXTRACTION = {
+    "mathvista": "rules: boxed / 'answer is' / option letter or text, nearest option by edit distance; "
+    "MathVista normalisation (int(float), round to precision)",
+    "mathverse": "rules: boxed / 'answer is' / option letter or text; last number (rel. tol. 1e-4) or normalised expression",
+    "mathvision": "rules: boxed / 'answer is' / option letter or text; normalised expression or number to 2 decimals",
+    "vqa": "rules: the ablation's answer rules",
+}
+
+
 def make_scorer(benchmark: str, judge=None) -> Callable[[VQARecord, str], dict]:
     """``scorer(record, response) -> {"extracted", "correct", "scored_by", ...}`` for ``prediction_rows``.
 

@@ -15,13 +15,6 @@ from vift.errors import UserError
 DEFAULT_OUT = Path("reports") / "eval"
 # what a run's metrics.json records of how it asked and how it read the answers
 BUILT_PROMPT = "Question: {question}[ (Unit: {unit})][\\nChoices:\\n(A) {choice}...]\\n{answer-format rule}"
-EXTRACTION = {
-    "mathvista": "rules: boxed / 'answer is' / option letter or text, nearest option by edit distance; "
-    "MathVista normalisation (int(float), round to precision)",
-    "mathverse": "rules: boxed / 'answer is' / option letter or text; last number (rel. tol. 1e-4) or normalised expression",
-    "mathvision": "rules: boxed / 'answer is' / option letter or text; normalised expression or number to 2 decimals",
-    "vqa": "rules: the ablation's answer rules",
-}
 
 
 def _params(path: str):
@@ -126,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _evaluate(args, started, params, batch_size, max_new_tokens, fusion, judge, image_dir: Path) -> int:
     from vift.benchmarks.formats import load_benchmark
     from vift.benchmarks.generation import generate_answers
-    from vift.benchmarks.scoring import make_scorer, no_answer_count, rule_coverage
+    from vift.benchmarks.scoring import EXTRACTION, make_scorer, no_answer_count, rule_coverage
     from vift.benchmarks.specs import SPECS
     from vift.eval.runner import prediction_rows, score
     from vift.io import atomic_write_json, atomic_write_text
