@@ -5,6 +5,9 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The default run spreads test files over this many processes (pytest-xdist): each test process
+# uses one torch thread (tests/conftest.py), so a serial run keeps only one of 2 cores busy.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast venv clean-outputs mutation small-lm
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/vift flow run --preset tiny
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The non-end-to-end tests only (about 2 minutes on 2 cores): for the edit-test loop, not for CI.
 test-fast: $(STAMP)
