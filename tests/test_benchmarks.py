@@ -301,6 +301,42 @@ def test_eval_with_a_fusion_file_answers_as_fused_generate_does(tiny_checkpoint,
     assert [r["prediction"] for r in rows] == expected
 
 
+def test_eval_controls_answer_without_the_image_with_another_and_with_a_black_one_and_count_helped_and_hurt(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from vift.eval.ablation import wrong_image_order
+    from vift.fusion.method import FusionSpec, fused_generate
+    from vift.model.loading import load_model, load_processor
+    from vift.scoring.stats import paired_comparison
+
+    spec = FusionSpec(mode="additive", a=0.5, b=0.5, layer_start=1)
+    fusion_file = tmp_path / "fusion.json"
+    fusion_file.write_text(json.dumps({"fusion": spec.to_dict(), "calibration": {}}))
+    out = tmp_path / "out"
+    argv = ["--benchmark", "mathvista", "--data", str(FIXTURES / "mathvista"), "--model", str(tiny_checkpoint),
+            "--fusion", str(fusion_file), "--limit", "3", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out), "--controls"]  # fmt: skip
+    assert run_eval(argv, tmp_path / "no-params.yaml") == 0
+    rows, metrics = _outputs(out)
+    records = list(records_of("mathvista", limit=3).values())
+    questions = [r.question for r in records]
+    images = [Image.open(FIXTURES / "mathvista" / r.image).convert("RGB") for r in records]
+    model, processor = load_model(tiny_checkpoint).eval(), load_processor(tiny_checkpoint)
+    order = wrong_image_order(3, 0)
+    expected = {
+        "question_only": fused_generate(model, processor, None, questions, None, batch_size=2, max_new_tokens=3),
+        "wrong_image": fused_generate(model, processor, [images[j] for j in order], questions, spec, batch_size=2, max_new_tokens=3),
+        "blank_image": fused_generate(model, processor, [Image.new("RGB", i.size) for i in images], questions, spec, batch_size=2, max_new_tokens=3),
+    }  # fmt: skip
+    assert set(metrics["controls"]) == set(expected) and order != [0, 1, 2]
+    for control, answers in expected.items():
+        control_rows = [json.loads(line) for line in (out / f"predictions_{control}.jsonl").read_text().splitlines()]
+        assert [r["prediction"] for r in control_rows] == answers, control
+        assert metrics["controls"][control]["n"] == 3
+        correct = [r["correct"] for r in control_rows]
+        assert metrics["controls"][control]["accuracy"] == sum(correct) / 3
+        assert metrics["paired"][f"main_vs_{control}"] == paired_comparison([r["correct"] for r in rows], correct, 1000, 0)
+
+
 def test_eval_rejects_a_fusion_outside_the_models_layers_before_writing(tiny_checkpoint, tmp_path):
     fusion_file = tmp_path / "fusion.json"
     fusion_file.write_text(json.dumps({"fusion": {"a": 0.5, "b": 0.5, "layer_start": 2, "layer_end": 40}}))

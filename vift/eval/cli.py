@@ -118,11 +118,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _evaluate(args, started, params, batch_size, max_new_tokens, fusion, judge, image_dir: Path) -> int:
     from vift.benchmarks.formats import load_benchmark
-    from vift.benchmarks.generation import generate_answers
+    from vift.benchmarks.generation import CONTROLS, control_answers, generate_answers
     from vift.benchmarks.scoring import EXTRACTION, make_scorer, no_answer_count, rule_coverage
     from vift.benchmarks.specs import SPECS
     from vift.eval.runner import prediction_rows, score
     from vift.io import atomic_write_json, atomic_write_text
+    from vift.scoring.stats import paired_comparison
 
     records, annotation, data_dir = load_benchmark(
         args.benchmark, args.data, args.file, args.limit, args.breakdown, args.prompt_field, image_dir=image_dir
@@ -147,8 +148,25 @@ def _evaluate(args, started, params, batch_size, max_new_tokens, fusion, judge, 
 
     answers = generate_answers(model, processor, records, data_dir, fusion, batch_size, max_new_tokens, progress)
     scorer = make_scorer(args.benchmark, judge)
-    rows = prediction_rows(records, answers, scorer, workers=judge.config.workers if judge else 1)
+    workers = judge.config.workers if judge else 1
+    rows = prediction_rows(records, answers, scorer, workers=workers)
     metrics = score(rows)
+    control_rows = {}
+    for control in CONTROLS if args.controls else ():
+        print(f"vift eval: control {control}", file=sys.stderr, flush=True)
+        responses = control_answers(
+            model, processor, records, data_dir, fusion, batch_size, max_new_tokens, control, params.eval.seed, progress
+        )
+        control_rows[control] = prediction_rows(records, responses, scorer, workers=workers)
+    if control_rows:
+        main = [r["correct"] for r in rows]
+        metrics["controls"] = {control: score(items) for control, items in control_rows.items()}
+        # per comparison: the paired difference with its interval and McNemar p, and the items the
+        # main run got right and the control wrong (helped) and the other way round (hurt)
+        metrics["paired"] = {
+            f"main_vs_{control}": paired_comparison(main, [r["correct"] for r in items], params.eval.bootstrap_samples, params.eval.seed)
+            for control, items in control_rows.items()
+        }
     metrics.update(
         {
             "benchmark": args.benchmark,
@@ -171,10 +189,19 @@ def _evaluate(args, started, params, batch_size, max_new_tokens, fusion, judge, 
         }
     )
     atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+    for control, items in control_rows.items():
+        lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in items)
+        atomic_write_text(out / f"predictions_{control}.jsonl", lines)
     atomic_write_json(out / "metrics.json", metrics)
     fused = "none" if fusion is None else f"{fusion.mode} a={fusion.a:g} b={fusion.b:g} w_vis={fusion.w_vis:g} w_text={fusion.w_text:g}"
     title = f"{SPECS[args.benchmark].title}: {len(rows)} items, scoring {metrics['scoring']}, fusion {fused}"
     print(summary_table(title, metrics))
+    for control, part in metrics.get("controls", {}).items():
+        pair = metrics["paired"][f"main_vs_{control}"]
+        low, high = pair["ci95"]
+        print(f"control {control:<14} {100 * part['accuracy']:5.1f} %   main - control {100 * pair['difference']:+.1f} pp "
+              f"[{100 * low:+.1f}, {100 * high:+.1f}], helped {pair['only_first_correct']}, hurt {pair['only_second_correct']}, "
+              f"McNemar p {pair['mcnemar_p']:.3g}")  # fmt: skip
     print(f"predictions: {out / 'predictions.jsonl'}\nmetrics:     {out / 'metrics.json'}")
     return 0
 
@@ -205,6 +232,12 @@ def add_commands(sub, add_params_option) -> None:
     fusion.add_argument("--fusion", metavar="FILE.json", help="fusion file ({'fusion': {...}}, e.g. models/fusion.json)")
     fusion.add_argument("--no-fusion", action="store_true", help="the plain model (the default for a checkpoint folder without --fusion)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N records")
+    p.add_argument(
+        "--controls",
+        action="store_true",
+        help="also answer every item without its image, with another item's image and with a black image (fused as the main "
+        "run), and report each with the paired difference and the items fusion helped and hurt",
+    )
     p.add_argument("--batch-size", type=int, metavar="B", help="default: eval.batch_size of the parameters")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: eval.max_new_tokens of the parameters")
     p.add_argument("--out", metavar="DIR", help=f"output folder (default {DEFAULT_OUT}/BENCHMARK)")
