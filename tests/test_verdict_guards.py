@@ -742,11 +742,11 @@ def _write(path: Path, content) -> Path:
         ({"fusion": [0.5]}, "{path}: expected a JSON object with a 'fusion' object"),
         (
             {"fusion": {"beta": 2, "alpha": 1}},
-            "{path}: unknown fusion field(s) alpha, beta; known: a, b, layer_end, layer_start, mode, positions, preserve_norm, steer_prefix, w_text, w_vis",
+            "{path}: unknown fusion field(s) alpha, beta; known: a, b, layer_end, layer_start, mode, positions, preserve_norm, steer_prefix, task_vector, w_text, w_vis",
         ),
         (
             {"fusion": {"a": "lots", "mode": "sideways"}},
-            "{path}: invalid fusion: mode: Input should be 'additive' or 'replace'; a: Input should be a valid number, unable to parse "
+            "{path}: invalid fusion: mode: Input should be 'additive', 'replace' or 'task_vector'; a: Input should be a valid number, unable to parse "
             "string as a number",
         ),
         (

@@ -224,7 +224,9 @@ class CalibrationParams(Section):
         description="search the grid below (seeded with the fusion section's own configuration); false: serve "
         "the fusion section's configuration as given, measured against no fusion but not replaced",
     )
-    modes: list[Literal["additive", "replace"]] = ["additive", "replace"]
+    modes: list[Literal["additive", "replace", "task_vector"]] = Field(
+        ["additive", "replace"], description="task_vector: a·d, d the mean of T − V over the calibration items (computed here)"
+    )
     positions: list[Literal["question", "text_prompt"]] = ["question"]
     weights: list[Float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     layer_ranges: list[tuple[Int, Int]] | None = Field(None, description="[start, end) candidates; None: derived from the model's depth")
@@ -261,7 +263,7 @@ class CalibrationParams(Section):
 class FusionParams(Section):
     """The fusion configuration to start from (or, with ``calibrate.search: false``, to serve)."""
 
-    mode: Literal["additive", "replace"] = "additive"
+    mode: Literal["additive", "replace", "task_vector"] = "additive"
     positions: Literal["question", "text_prompt"] = "question"
     a: Float = 0.0
     b: Float = 0.0
@@ -271,6 +273,9 @@ class FusionParams(Section):
     layer_end: Int | None = Field(None, ge=1, description="exclusive; None: the last decoder layer")
     preserve_norm: bool = Field(False, description="rescale each edited position to its norm before the edit")
     steer_prefix: bool = Field(False, description="also add the mean question edit to every earlier position (additive only)")
+    task_vector: list[list[Float]] | None = Field(
+        None, description="task_vector mode: one row per decoder layer; calibration computes it (fusion.json), never set by hand"
+    )
     calibrate: CalibrationParams = CalibrationParams()
 
     @model_validator(mode="after")
@@ -279,6 +284,10 @@ class FusionParams(Section):
             raise ValueError("layer_end must be greater than layer_start")
         if self.steer_prefix and self.mode != "additive":
             raise ValueError("steer_prefix needs mode additive (it adds the mean question edit a·T − b·V)")
+        if self.mode == "task_vector" and (not self.task_vector or self.b != 0):
+            raise ValueError(
+                "mode task_vector needs the vector calibration computes and b = 0: list task_vector in fusion.calibrate.modes instead"
+            )
         return self
 
 

@@ -26,7 +26,7 @@ def calibration_heatmap(search: dict, path: Path) -> None:
     modes = sorted({row["mode"] for row in search["search"]})
     figure, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 4), squeeze=False)
     for axis, mode in zip(axes[0], modes):
-        first, second = ("a", "b") if mode == "additive" else ("w_vis", "w_text")
+        first, second = ("w_vis", "w_text") if mode == "replace" else ("a", "b")  # task_vector: b is 0
         rows = [
             r for r in search["search"]
             if r["mode"] == mode and r["positions"] == chosen["positions"]

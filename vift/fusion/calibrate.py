@@ -1,5 +1,8 @@
 """Calibration: search fusion mode x positions x layer range x weights on a calibration split.
 
+The ``task_vector`` mode's vector is computed here, from the calibration items' captures
+(:meth:`Calibrator.task_vector`), and travels in ``fusion.json`` with the chosen configuration.
+
 A coarse grid first, then refinement around the best configuration, within a budget of evaluated
 configurations. Objective: accuracy; ties are broken by the mean log-likelihood of the gold answers
 under the fused model. The plain model (neutral fusion) is always a candidate, and the winner
@@ -21,12 +24,12 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from vift.config.schema import CalibrationParams
 from vift.fusion.families import adapter_for
-from vift.fusion.method import NEUTRAL, FusionSpec, capture_states, steered_generate
+from vift.fusion.method import NEUTRAL, FusionSpec, align_right, capture_states, fused_positions, steered_generate
 from vift.model.loading import decoder_layers
 from vift.scoring.answers import score_answer
 from vift.scoring.stats import beyond_chance, paired_comparison
 
-WEIGHT_FIELDS = {"additive": ("a", "b"), "replace": ("w_vis", "w_text")}
+WEIGHT_FIELDS = {"additive": ("a", "b"), "replace": ("w_vis", "w_text"), "task_vector": ("a",)}
 
 
 class GoldAnswerScorer(LogitsProcessor):
@@ -114,6 +117,20 @@ class Calibrator:
                 return self.model.generate(**batch.image_inputs, **kwargs)
         return steered_generate(self.model, batch.image_inputs, batch.text_inputs, spec, states=self._states(batch, spec), **kwargs)
 
+    def task_vector(self) -> tuple[tuple[float, ...], ...]:
+        """Per decoder layer, the mean of T − V (unsteered text-only minus image+question input
+        states) over every calibration item's question positions: the ``task_vector`` mode's d."""
+        total, count = None, 0
+        for batch in self.batches:
+            text, image = batch.states or capture_states(self.model, batch.image_inputs, batch.text_inputs, 0, self.num_layers)
+            ids, attention = batch.image_inputs["input_ids"], batch.image_inputs["attention_mask"]
+            mask = fused_positions(ids, attention, batch.text_inputs["input_ids"], batch.text_inputs["attention_mask"], "question")
+            sums = torch.stack([(align_right(t, ids.shape[1]) - v)[mask].double().sum(dim=0) for t, v in zip(text, image)])
+            total = sums if total is None else total + sums
+            count += int(mask.sum())
+        mean = (total / max(1, count)).tolist()
+        return tuple(tuple(layer) for layer in mean)
+
     def correct(self, spec: FusionSpec) -> list[bool]:
         """Per calibration item, whether ``spec``'s answer is right (in record order)."""
         out = []
@@ -143,18 +160,16 @@ class Calibrator:
 
 
 def _grid(
-    mode: str,
-    positions: str,
-    layer_range: tuple[int, int],
-    weights: Sequence[float],
-    preserve_norm: bool = False,
-    steer_prefix: bool = False,
-) -> list[FusionSpec]:
-    first, second = WEIGHT_FIELDS[mode]
-    variant = {"preserve_norm": preserve_norm, "steer_prefix": steer_prefix}
+    mode: str, positions: str, layer_range: tuple[int, int], weights: Sequence[float], preserve_norm: bool = False,
+    steer_prefix: bool = False, task_vector: tuple | None = None,
+) -> list[FusionSpec]:  # fmt: skip
+    fields = WEIGHT_FIELDS[mode]
+    variant = {"preserve_norm": preserve_norm, "steer_prefix": steer_prefix, "task_vector": task_vector}
     return [
-        FusionSpec(mode=mode, positions=positions, layer_start=layer_range[0], layer_end=layer_range[1], **variant, **{first: x, second: y})
-        for x, y in itertools.product(weights, weights)
+        FusionSpec(
+            mode=mode, positions=positions, layer_start=layer_range[0], layer_end=layer_range[1], **variant, **dict(zip(fields, values))
+        )
+        for values in itertools.product(*[weights] * len(fields))
     ]
 
 
@@ -196,11 +211,12 @@ def search(
     the search; with ``params.search`` off it is the only candidate and is served as given.
     """
     ranges = candidate_ranges(calibrator.num_layers, params.layer_ranges)
+    vector = calibrator.task_vector() if "task_vector" in params.modes and params.search else None
     coarse_weights = sorted(set(params.weights[::2]) | {params.weights[-1]})
     groups = [
-        _grid(m, p, r, coarse_weights, norm, steer)
+        _grid(m, p, r, coarse_weights, norm, steer, vector if m == "task_vector" else None)
         for m, p, r, norm, steer in itertools.product(params.modes, params.positions, ranges, params.preserve_norm, params.steer_prefix)
-        if m == "additive" or not steer  # replace cannot steer the prefix
+        if m == "additive" or not steer  # only additive fusion steers the prefix
     ]
     # Round-robin over (mode, positions, range, variant) groups, so a truncated coarse grid covers each alike.
     grid = [spec for row in zip(*groups) for spec in row] if params.search else []
@@ -250,7 +266,7 @@ def search(
     chosen = best if significant or params.significance >= 1 or not params.search else NEUTRAL
     rows = [{**spec.to_dict(), "layer_end": spec.layer_range(calibrator.num_layers)[1], **row} for spec, row in table.items()]
     return {
-        "fusion": {**chosen.to_dict(), "layer_end": chosen.layer_range(calibrator.num_layers)[1]},
+        "fusion": {**chosen.to_dict(), "layer_end": chosen.layer_range(calibrator.num_layers)[1], **chosen.vector_dict()},
         "calibration": {
             "accuracy": table[chosen]["accuracy"],
             "best_accuracy": top,

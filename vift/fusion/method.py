@@ -5,7 +5,9 @@ prompt and V_l those for the image+question prompt, both captured without steeri
 prefill of the image+question prompt, at each layer l in [start, end), on the fused positions:
 
 - ``additive`` (the reference code): H_l += a·T_l − b·V_l, accumulating across layers;
-- ``replace`` (the paper's formula read literally): H_l = w_vis·V_l + w_text·T_l.
+- ``replace`` (the paper's formula read literally): H_l = w_vis·V_l + w_text·T_l;
+- ``task_vector``: H_l += a·d_l, d_l the mean of T_l − V_l over the calibration items' fused
+  positions (one vector per layer, no per-sample states: what is left of fusion without them).
 
 Fused positions are aligned from the right (both batches are left-padded):
 - ``question``: the tokens both prompts share at their end (question + assistant prefix);
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -51,7 +53,7 @@ from vift.fusion.generation import generate_answers
 from vift.fusion.hooks import PrefillEditor, capture_layer_inputs
 from vift.model.loading import decoder_layers
 
-Mode = Literal["additive", "replace"]
+Mode = Literal["additive", "replace", "task_vector"]
 Positions = Literal["question", "text_prompt"]
 
 
@@ -69,17 +71,30 @@ class FusionSpec:
     layer_end: int | None = None
     preserve_norm: bool = False
     steer_prefix: bool = False
+    # ``task_vector`` mode: per decoder layer (all of them), the mean of T − V over the calibration
+    # items' fused positions; calibration computes it. Not compared or hashed (one per calibration).
+    task_vector: tuple[tuple[float, ...], ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.steer_prefix and self.mode != "additive":
             raise ValueError("steer_prefix adds the mean question edit a·T − b·V: additive mode only")
+        if self.mode == "task_vector" and self.b != 0:
+            raise ValueError("task_vector mode adds a·d (d: the mean of T − V over calibration items); b must be 0")
 
     @classmethod
     def from_dict(cls, values: dict) -> FusionSpec:
-        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
+        values = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
+        if values.get("task_vector") is not None:
+            values["task_vector"] = tuple(tuple(float(x) for x in layer) for layer in values["task_vector"])
+        return cls(**values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The configuration's fields; the task vector (large) is :meth:`vector_dict`'s."""
+        return {k: v for k, v in asdict(self).items() if k != "task_vector"}
+
+    def vector_dict(self) -> dict:
+        """``{"task_vector": [[...], ...]}`` when the spec carries one, else ``{}``."""
+        return {} if self.task_vector is None else {"task_vector": [list(layer) for layer in self.task_vector]}
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         end = num_layers if self.layer_end is None else self.layer_end
@@ -89,7 +104,7 @@ class FusionSpec:
 
     @property
     def is_neutral(self) -> bool:
-        if self.mode == "additive":
+        if self.mode in ("additive", "task_vector"):
             return self.a == 0 and self.b == 0
         return self.w_vis == 1 and self.w_text == 0
 
@@ -152,7 +167,7 @@ def _edit(spec: FusionSpec, text_state: torch.Tensor, image_state: torch.Tensor,
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         text, image, where = _repeat_for(hidden, text_state, image_state, mask[..., None])
         # Both formulas build a new tensor: the input (which a caller may still hold) is never written.
-        if spec.mode == "additive":
+        if spec.mode in ("additive", "task_vector"):  # task_vector: T is the mean vector, b = 0
             delta = where * (spec.a * text - spec.b * image)
             edited = hidden + delta
             if prefix is not None:
@@ -209,12 +224,12 @@ def steered_generate(
 
 def uses_text(spec: FusionSpec) -> bool:
     """Whether ``spec`` reads the text-only states T (a weight on them that is not 0)."""
-    return (spec.a if spec.mode == "additive" else spec.w_text) != 0
+    return spec.mode != "task_vector" and (spec.a if spec.mode == "additive" else spec.w_text) != 0
 
 
 def uses_image(spec: FusionSpec) -> bool:
-    """Whether ``spec`` reads the unsteered image+question states V."""
-    return (spec.b if spec.mode == "additive" else spec.w_vis) != 0
+    """Whether ``spec`` reads the unsteered image+question states V (task_vector: its mean is in the vector)."""
+    return spec.mode != "task_vector" and (spec.b if spec.mode == "additive" else spec.w_vis) != 0
 
 
 def _needed_captures(model, layers, spec: FusionSpec, text_inputs: dict, image_inputs: dict, start: int, end: int):
@@ -242,9 +257,13 @@ def _edits(
             raise ValueError(f"{len(captured)} captured layers for the fusion range [{start}, {end})")
     hidden = model.config.get_text_config().hidden_size
     zeros = torch.zeros(mask.shape[0], length, hidden, dtype=model.dtype, device=mask.device)
+    if spec.mode == "task_vector" and (spec.task_vector is None or len(spec.task_vector) < end or len(spec.task_vector[0]) != hidden):
+        raise ValueError("task_vector mode needs the per-layer vector calibration computes (one row per decoder layer, hidden-size wide)")
     edits = []
     for index in range(end - start):
         text = zeros if text_states is None else align_right(text_states[index], length)
+        if spec.mode == "task_vector":
+            text = torch.tensor(spec.task_vector[start + index], dtype=model.dtype, device=mask.device).expand_as(zeros)
         image = zeros if image_states is None else image_states[index]
         edits.append(_edit(spec, text, image, mask, prefix))
     return edits

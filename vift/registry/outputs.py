@@ -203,6 +203,8 @@ def _calibrate(workspace: Path, outputs: StageOutputs) -> None:
         spec = content.get("fusion") if isinstance(content, Mapping) else None
         if isinstance(spec, Mapping):
             for key, value in spec.items():
+                if key == "task_vector":  # a vector per layer: in the fusion.json artifact, too long for a tag
+                    continue
                 if _is_number(value):
                     outputs.metrics[metric_name("fusion", key)] = float(value)
                 elif value is not None:

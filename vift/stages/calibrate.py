@@ -41,7 +41,11 @@ def configuration_label(row: dict) -> str:
     """One search row as a short readable label, the calibration plot's category axis."""
     if row["a"] == 0 and row["b"] == 0 and row["mode"] == "additive":
         return "no fusion"
-    weights = f"a={row['a']:g} b={row['b']:g}" if row["mode"] == "additive" else f"w_vis={row['w_vis']:g} w_text={row['w_text']:g}"
+    weights = {
+        "additive": f"a={row['a']:g} b={row['b']:g}",
+        "replace": f"w_vis={row['w_vis']:g} w_text={row['w_text']:g}",
+        "task_vector": f"a={row['a']:g}",
+    }[row["mode"]]
     return f"{row['mode']} {weights} L{row['layer_start']}-{row['layer_end']} {row['positions']}"
 
 
