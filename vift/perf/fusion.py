@@ -160,17 +160,23 @@ def measure(
 
         return run_once
 
-    def plain_in_fused_layout():
-        """Plain generation with the prompt laid out as the shared-prefix path lays it out
-        ([pad, prefix | pad, suffix]), inputs built as fused_generate builds them: the layout alone
-        can change the speed of a forward (masked rows, attention kernels), so this is the plain
-        baseline that layout cannot flatter."""
+    def fused_layout() -> tuple[dict, int]:
+        """The image prompt laid out as the shared-prefix path lays it out ([pad, prefix | pad,
+        suffix]), inputs built as fused_generate builds them (inside the timed call, as there), and
+        the prefix length."""
         image_batch = adapter.image_inputs(processor, images, questions, model.device)
         text_batch = adapter.text_inputs(processor, questions, model.device)
         mask = fused_positions(
             image_batch["input_ids"], image_batch["attention_mask"], text_batch["input_ids"], text_batch["attention_mask"], "question"
         )
-        laid, _, _ = shared_prefix_layout(image_batch, mask, model.generation_config.pad_token_id or 0)
+        laid, _, p_len = shared_prefix_layout(image_batch, mask, model.generation_config.pad_token_id or 0)
+        return laid, p_len
+
+    def plain_in_fused_layout():
+        """Plain generation with the prompt in the fused path's layout: the layout alone can change
+        the speed of a forward (masked rows, attention kernels), so this is the plain baseline that
+        layout cannot flatter."""
+        laid, _ = fused_layout()
         with torch.inference_mode():
             model.generate(**laid, **generate_kwargs)
 
@@ -180,12 +186,7 @@ def measure(
         in one pass into the KV cache, then the suffix and the answer from it. Any server could
         prefill plain prompts this way, so it is the plain baseline the fused path's prefill
         cannot flatter (a left-padded prompt takes the attention kernel's masked path)."""
-        image_batch = adapter.image_inputs(processor, images, questions, model.device)
-        text_batch = adapter.text_inputs(processor, questions, model.device)
-        mask = fused_positions(
-            image_batch["input_ids"], image_batch["attention_mask"], text_batch["input_ids"], text_batch["attention_mask"], "question"
-        )
-        laid, _, p_len = shared_prefix_layout(image_batch, mask, model.generation_config.pad_token_id or 0)
+        laid, p_len = fused_layout()
         prefix = {k: v[:, :p_len] if k in SEQUENCE_KEYS else v for k, v in laid.items()}
         with torch.inference_mode():
             cache = model.generate(**prefix, max_new_tokens=1, do_sample=False, return_dict_in_generate=True).cache
