@@ -95,3 +95,60 @@ def test_backbone_teaches_the_language_model_to_describe_boards(ci_data):
         occupied = [(NAMED_POSITIONS_2X2[i], cell) for i, cell in enumerate(cells) if cell != "<empty>"]
         assert [f"{cell[1:-1].replace('_', ' ')} at {where}" for where, cell in occupied] == described
     assert not any(r["type"] == "describe_board" for r in read(ci_data / "text_instructions.jsonl"))
+
+
+def test_reasoning_chains_restate_the_relevant_objects_then_compute_and_score_as_the_answer():
+    """``data.text_answers: reasoning``: each chain lists exactly the objects its question is about,
+    in the caption's words, counts them, computes, and ends on the answer the scorer extracts."""
+    from vift.data.world import sample_arithmetic, sample_scene
+    from vift.scoring.answers import extract_answer, is_correct
+
+    seen = set()
+    for index in range(400):
+        rng = split_rng(0, "chains", index)
+        scene = sample_scene(rng, 3, 0, 6)
+        question = sample_question(rng, scene) if index % 4 else sample_arithmetic(rng, 16)
+        seen.add(question.type)
+        chain = question.reasoning
+        assert chain.endswith(f"so the answer is {question.answer}.")
+        extracted = extract_answer(chain, question.answer)
+        assert extracted == question.answer and is_correct(extracted, question.answer)
+        if question.type.startswith("arith"):
+            continue
+        words = question.text.split()
+        # The restated objects: the caption's own phrases for exactly the objects asked about.
+        phrases = [p for part in chain.split(". ") if " are " in part for p in part.rsplit(" are ", 1)[1].split(", ")]
+        if question.type == "count_plus":
+            wanted = [o for o in scene.objects if f"{o.shape}s" == words[2]]
+        elif question.type == "remove_colour":
+            wanted = [o for o in scene.objects if o.colour != words[-4]]
+        elif question.type == "double_count":
+            wanted = [o for o in scene.objects if o.colour == words[-2]]
+        else:
+            wanted = [o for o in scene.objects if o.colour == words[3]] + [o for o in scene.objects if o.colour == words[6]]
+        described = [f"{o.colour} {o.shape} at {scene.position_name(o.cell)}" for o in wanted]
+        assert [p for p in phrases if p != "none"] == described
+        if question.type != "compare_colours":
+            assert f". that is {len(wanted)}." in chain
+    assert seen == {*QUESTION_TYPES, "arith_add", "arith_subtract", "arith_double", "arith_greater"}
+
+
+def test_reasoning_answers_change_the_text_instructions_only(ci_params, ci_data, tmp_path):
+    chained = apply_overrides(ci_params, {"data.text_answers": "reasoning"}).data
+    summary = generate_shapetally(chained, tmp_path / "chained")
+    original = json.loads((ci_data / "summary.json").read_text())["sha256"]
+    assert [s for s in SPLITS if summary["sha256"][s] != original[s]] == ["text_instructions"]
+    short, long = read(ci_data / "text_instructions.jsonl"), read(tmp_path / "chained" / "text_instructions.jsonl")
+    for a, b in zip(short, long):
+        assert a["conversations"][0] == b["conversations"][0]  # same scene, same question
+        assert b["conversations"][1]["value"].endswith(f"so the answer is {a['conversations'][1]['value']}.")
+
+
+def test_reasoning_answers_are_refused_for_imported_data():
+    import pytest
+    from pydantic import ValidationError
+
+    from vift.config.schema import DataParams
+
+    with pytest.raises(ValidationError, match="text_answers applies to generated data"):
+        DataParams(source="import", import_dir="data/external", text_answers="reasoning")

@@ -43,6 +43,11 @@ class DataParams(Section):
     visual_instructions: Int = Field(4000, ge=0)
     calibration: Int = Field(200, ge=0)
     test: Int = Field(1000, ge=0)
+    text_answers: Literal["short", "reasoning"] = Field(
+        "short",
+        description="text instructions answer with the answer alone, or with a short chain that restates the "
+        "relevant objects, computes, and ends 'so the answer is ...' (shapetally only; raise eval.max_new_tokens)",
+    )
     bad_records: Literal["skip", "fail"] = Field(
         "skip", description="skip-and-count malformed records and missing images, or fail on the first"
     )
@@ -63,6 +68,8 @@ class DataParams(Section):
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of grid ({self.grid})")
         if self.source == "import" and not self.import_dir:
             raise ValueError("source 'import' needs import_dir")
+        if self.source == "import" and self.text_answers != "short":
+            raise ValueError("text_answers applies to generated data (source: shapetally); imported manifests keep their own answers")
         return self
 
 
@@ -243,12 +250,25 @@ class CalibrationParams(Section):
         description="family-wise level: the best configuration replaces no fusion only with McNemar p below "
         "significance / configurations evaluated and the paired bootstrap CI above 0; 1 turns the check off",
     )
+    folds: Int = Field(
+        5,
+        ge=0,
+        description="k-fold cross-validation of the choice: each fold of calibration items is held out while the same "
+        "rule chooses on the others; reports the chosen configurations' held-out gain over no fusion (0 or 1: off)",
+    )
+    require_held_out_gain: bool = Field(
+        False,
+        description="keep no fusion unless the cross-validated choice also beats it on held-out items beyond chance "
+        "(paired bootstrap CI above 0 and McNemar p below significance); needs folds >= 2",
+    )
 
     @model_validator(mode="after")
     def _search_space_is_not_empty(self) -> CalibrationParams:
         for name in ("modes", "positions", "weights", "preserve_norm", "steer_prefix"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must list at least one value (the search would be empty)")
+        if self.require_held_out_gain and self.folds < 2:
+            raise ValueError("require_held_out_gain needs folds >= 2 (the held-out gain is measured by cross-validation)")
         if self.steer_prefix == [True] and "additive" not in self.modes:
             raise ValueError("steer_prefix [true] needs the additive mode among modes (replace cannot steer the prefix)")
         if self.layer_ranges is not None:

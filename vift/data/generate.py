@@ -136,7 +136,11 @@ class _Generator:
             else:
                 question = sample_question(rng, scene)
                 prompt = text_prompt(scene.describe(), question.text)
-            yield {"id": f"{split}-{index:06d}", "type": question.type, "conversations": conversation(prompt, question.answer)}
+            # Only the text instructions (ViFT's stage-2 data) change style; the backbone's
+            # pretraining text keeps short answers, like the paper's off-the-shelf LLM.
+            reasoning = split == "text_instructions" and self.params.text_answers == "reasoning"
+            reply = question.reasoning if reasoning else question.answer
+            yield {"id": f"{split}-{index:06d}", "type": question.type, "conversations": conversation(prompt, reply)}
 
     def caption_records(self, count: int) -> Iterator[dict]:
         for index, scene in self.scenes("captions", count, avoid_held_out=True):

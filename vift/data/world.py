@@ -99,6 +99,10 @@ class Question:
     type: str
     text: str
     answer: str
+    # The same answer as a short reasoning chain: first restate the facts the question needs (the
+    # relevant objects, as the caption words them), then compute, then "so the answer is <answer>".
+    # Training data with ``data.text_answers: reasoning`` (docs/RESULTS.md, "Reasoning chains").
+    reasoning: str = ""
 
 
 def split_rng(seed: int, split: str, index: int) -> random.Random:
@@ -121,26 +125,49 @@ def _pick_present(rng: random.Random, scene: Scene, options: list[str], attribut
     return rng.choice(options)
 
 
+def _restate(scene: Scene, objects: list[SceneObject]) -> str:
+    """Objects as the caption words them ("red circle at top left, ..."), or "none"."""
+    return ", ".join(f"{o.colour} {o.shape} at {scene.position_name(o.cell)}" for o in objects) or "none"
+
+
+def _conclude(answer: str) -> str:
+    # Numeric answers are extracted as the last number, yes/no as the first yes or no
+    # (vift.scoring.answers): chains say neither word before this, and end on the answer.
+    return f"so the answer is {answer}."
+
+
 def sample_question(rng: random.Random, scene: Scene, qtype: str | None = None) -> Question:
     """A composed question: perception of the scene + arithmetic or comparison."""
     qtype = qtype or rng.choice(QUESTION_TYPES)
     colours = list(COLOURS)
+    objects = list(scene.objects)
     if qtype == "count_plus":
         shape = _pick_present(rng, scene, list(SHAPES), "shape")
         k = rng.randint(1, 4)
-        return Question(qtype, f"How many {shape}s are there, plus {k}?", str(scene.count(shape=shape) + k))
+        n = scene.count(shape=shape)
+        chain = f"the {shape}s are {_restate(scene, [o for o in objects if o.shape == shape])}. that is {n}. {n} plus {k} is {n + k}."
+        return Question(qtype, f"How many {shape}s are there, plus {k}?", str(n + k), f"{chain} {_conclude(str(n + k))}")
     if qtype == "remove_colour":
         colour = _pick_present(rng, scene, colours, "colour")
-        remaining = len(scene.objects) - scene.count(colour=colour)
-        return Question(qtype, f"How many shapes would remain if the {colour} ones were removed?", str(remaining))
+        rest = [o for o in objects if o.colour != colour]
+        chain = f"the shapes that are not {colour} are {_restate(scene, rest)}. that is {len(rest)}."
+        return Question(qtype, f"How many shapes would remain if the {colour} ones were removed?", str(len(rest)), f"{chain} {_conclude(str(len(rest)))}")  # fmt: skip
     if qtype == "compare_colours":
         first = _pick_present(rng, scene, colours, "colour")
         second = rng.choice([c for c in colours if c != first])
-        more = scene.count(colour=first) > scene.count(colour=second)
-        return Question(qtype, f"Are there more {first} shapes than {second} shapes?", "yes" if more else "no")
+        n1, n2 = scene.count(colour=first), scene.count(colour=second)
+        answer = "yes" if n1 > n2 else "no"
+        chain = (
+            f"the {first} ones are {_restate(scene, [o for o in objects if o.colour == first])}. that is {n1}. "
+            f"the {second} ones are {_restate(scene, [o for o in objects if o.colour == second])}. that is {n2}. "
+            f"{n1} is {'more' if n1 > n2 else 'not more'} than {n2}."
+        )
+        return Question(qtype, f"Are there more {first} shapes than {second} shapes?", answer, f"{chain} {_conclude(answer)}")
     if qtype == "double_count":
         colour = _pick_present(rng, scene, colours, "colour")
-        return Question(qtype, f"What is twice the number of {colour} shapes?", str(2 * scene.count(colour=colour)))
+        n = scene.count(colour=colour)
+        chain = f"the {colour} ones are {_restate(scene, [o for o in objects if o.colour == colour])}. that is {n}. twice {n} is {2 * n}."
+        return Question(qtype, f"What is twice the number of {colour} shapes?", str(2 * n), f"{chain} {_conclude(str(2 * n))}")
     raise ValueError(f"unknown question type {qtype!r}; known: {', '.join(QUESTION_TYPES)}")
 
 
@@ -149,13 +176,15 @@ def sample_arithmetic(rng: random.Random, max_value: int) -> Question:
     kind = rng.choice(ARITHMETIC_TYPES)
     x, y = rng.randint(0, max_value), rng.randint(0, max_value)
     if kind == "add":
-        return Question("arith_add", f"What is {x} plus {y}?", str(x + y))
+        return Question("arith_add", f"What is {x} plus {y}?", str(x + y), f"{x} plus {y} is {x + y}. {_conclude(str(x + y))}")
     if kind == "subtract":
         x, y = max(x, y), min(x, y)
-        return Question("arith_subtract", f"What is {x} minus {y}?", str(x - y))
+        return Question("arith_subtract", f"What is {x} minus {y}?", str(x - y), f"{x} minus {y} is {x - y}. {_conclude(str(x - y))}")
     if kind == "double":
-        return Question("arith_double", f"What is twice {x}?", str(2 * x))
-    return Question("arith_greater", f"Is {x} greater than {y}?", "yes" if x > y else "no")
+        return Question("arith_double", f"What is twice {x}?", str(2 * x), f"twice {x} is {2 * x}. {_conclude(str(2 * x))}")
+    answer = "yes" if x > y else "no"
+    chain = f"{x} is {'greater' if x > y else 'not greater'} than {y}."
+    return Question("arith_greater", f"Is {x} greater than {y}?", answer, f"{chain} {_conclude(answer)}")
 
 
 def text_prompt(description: str, question: str) -> str:

@@ -74,6 +74,14 @@ def run(params: Params) -> None:
         )  # fmt: skip
     # Timings go to the log, not into outputs: outputs must be byte-identical when rerun.
     print(f"calibrate: {result['calibration']['evaluated']} configurations in {time.time() - started:.0f} s", flush=True)
+    if held_out := result["calibration"]["cross_validated"]:
+        low, high = held_out["ci95"]
+        print(
+            f"calibrate: held-out gain of the choice over no fusion ({held_out['folds']} folds): "
+            f"{100 * held_out['difference']:+.1f} pp [{100 * low:+.1f}, {100 * high:+.1f}], McNemar p {held_out['mcnemar_p']:.3g}"
+            + (" -> no fusion kept (fusion.calibrate.require_held_out_gain)" if held_out["kept_neutral"] else ""),
+            flush=True,
+        )
     result["serving"] = serving_mode(model, processor, records, calibrator_images, FusionSpec.from_dict(result["fusion"]), params)
     print(f"calibrate: serving mode {result['serving']['mode']} ({result['serving']['accuracy']})", flush=True)
     calibration_heatmap(result, paths.PLOTS_DIR / "calibration_heatmap.png")
