@@ -316,13 +316,20 @@ def shared_prefix_layout(inputs: dict, mask: torch.Tensor, pad_id: int) -> tuple
     return out, new_mask, p_len
 
 
+def prefill_prefix(model, inputs: dict, p_len: int) -> tuple[Any, dict]:
+    """The first ``p_len`` columns of ``inputs`` (laid out by :func:`shared_prefix_layout`), image
+    included, run once into a KV cache: ``(cache, the sequence inputs to generate on from it)``.
+    Those inputs carry no pixels: the image is in the cache."""
+    prefix = {k: v[:, :p_len] if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
+    with torch.inference_mode():  # generate computes the prefix's positions from its mask
+        cache = model.generate(**prefix, max_new_tokens=1, do_sample=False, return_dict_in_generate=True).cache
+    return cache, {k: v for k, v in inputs.items() if k in SEQUENCE_KEYS}
+
+
 def _prefix_steered_generate(model, layers, start: int, end: int, image_inputs: dict, text_inputs: dict, spec, mask, **generate_kwargs):
     pad_id = model.generation_config.pad_token_id
     inputs, laid_mask, p_len = shared_prefix_layout(image_inputs, mask, 0 if pad_id is None else int(pad_id))
-    prefix = {k: v[:, :p_len] if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
-    with torch.inference_mode():  # the prefix, image included, once; generate computes its positions
-        cache = model.generate(**prefix, max_new_tokens=1, do_sample=False, return_dict_in_generate=True).cache
-    suffix_inputs = {k: v for k, v in inputs.items() if k in SEQUENCE_KEYS}  # the image is in the cache
+    cache, suffix_inputs = prefill_prefix(model, inputs, p_len)
     s_len = suffix_inputs["input_ids"].shape[1] - p_len
     image_suffix = {**suffix_inputs, "cache": copy.deepcopy(cache)}
     text_states, image_states = _needed_captures(model, layers, spec, text_inputs, image_suffix, start, end)

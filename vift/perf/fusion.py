@@ -125,7 +125,7 @@ def measure(
     import torch
 
     from vift.fusion.families import adapter_for
-    from vift.fusion.method import SEQUENCE_KEYS, FusionSpec, fused_generate, fused_positions, shared_prefix_layout
+    from vift.fusion.method import FusionSpec, fused_generate, fused_positions, prefill_prefix, shared_prefix_layout
     from vift.model.loading import decoder_layers
 
     adapter = adapter_for(model)
@@ -186,11 +186,9 @@ def measure(
         in one pass into the KV cache, then the suffix and the answer from it. Any server could
         prefill plain prompts this way, so it is the plain baseline the fused path's prefill
         cannot flatter (a left-padded prompt takes the attention kernel's masked path)."""
-        laid, p_len = fused_layout()
-        prefix = {k: v[:, :p_len] if k in SEQUENCE_KEYS else v for k, v in laid.items()}
+        cache, suffix_inputs = prefill_prefix(model, *fused_layout())
         with torch.inference_mode():
-            cache = model.generate(**prefix, max_new_tokens=1, do_sample=False, return_dict_in_generate=True).cache
-            model.generate(**{k: v for k, v in laid.items() if k in SEQUENCE_KEYS}, cache=cache, **generate_kwargs)
+            model.generate(**suffix_inputs, cache=cache, **generate_kwargs)
 
     def reference_batched():
         reference_fused_generate(model, adapter, processor, images, questions, full, generate_kwargs)
