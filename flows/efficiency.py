@@ -1,15 +1,16 @@
 """The data-efficiency sweep's results: accuracy against training samples, ViFT beside the baseline.
 
 Each sweep point is a finished pipeline workspace (data -> ... -> evaluate) trained at one
-``train.data_fraction``. This module reads what those runs wrote — ``reports/metrics.json`` and the
-training stages' ``reports/<stage>.json`` — and writes the sweep's outputs into one directory,
+``train.data_fraction``. This module reads what those runs wrote — ``reports/metrics.json``, the
+training stages' ``reports/<stage>.json`` and calibration's ``models/fusion.json`` — and writes the sweep's outputs into one directory,
 atomically:
 
 - ``data_efficiency.json``: one entry per fraction (training samples per model, steps, the plotted
   rows with accuracy, 95 % interval and n, the paired differences of vift_fused against
   vit_baseline and question_only, the held-out caption phrase F1 after each training stage);
 - ``data_efficiency.csv``: one line per (fraction, row), for DVC plots or a spreadsheet;
-- ``data_efficiency.md``: the table a person reads;
+- ``data_efficiency.md``: the table a person reads, with each point's calibration (its choice, the
+  gain on the items it chose on and, k-fold, on held-out items, the mode served);
 - ``data_efficiency.png``: accuracy against unique training samples (log scale), intervals as bars.
 
 With seeds (``vift sweep --seeds``), each fraction has one point per seed: the table and the plot
@@ -35,7 +36,7 @@ from typing import Any
 
 from vift import paths
 from vift.errors import UserError
-from vift.eval.report import percent
+from vift.eval.report import configuration_label, percent
 from vift.io import atomic_directory
 
 # Rows drawn against training samples, and which model's samples place them on the x axis.
@@ -111,6 +112,20 @@ def collect_point(workspace: Path, fraction: float, seed: int | None = None) -> 
         "caption_phrase_f1": perception,
         "rows": rows,
         "paired": {other: metrics.get("paired", {}).get(f"vift_fused_vs_{other}") for other in PAIRED_WITH},
+        "calibration": calibration_summary(_read(workspace / paths.FUSION_JSON, "calibration result")),
+    }
+
+
+def calibration_summary(result: dict) -> dict:
+    """What a point's calibration chose and how far to trust it: the gain over no fusion on the
+    items it was chosen on, and on items it was not (k-fold; None where calibration had no folds)."""
+    calibration = result.get("calibration", {})
+    held_out = calibration.get("cross_validated")
+    return {
+        "chosen": configuration_label(result["fusion"]),
+        "gain": calibration.get("accuracy", 0.0) - calibration.get("unfused_accuracy", 0.0),
+        "held_out": None if not held_out else {key: held_out[key] for key in ("folds", "difference", "ci95", "mcnemar_p", "fused_folds")},
+        "served": (result.get("serving") or {}).get("mode"),
     }
 
 
@@ -280,7 +295,27 @@ def table_markdown(summary: dict) -> str:
             )
         lines.append("")
         lines += _controls_table(summary["points"], "## Controls, each seed", seeded=True)
-    return "\n".join(lines)
+    return "\n".join(lines + _calibration_table(summary["points"], seeded))
+
+
+def _calibration_table(points: list[dict], seeded: bool) -> list[str]:
+    """Each point's calibration: the choice, its gain over no fusion on the calibration items it
+    was chosen on, the same choice rule's gain on held-out folds, and the mode served."""
+    if not any(p.get("calibration") for p in points):
+        return []
+    head = ["fraction", *(["seed"] if seeded else []), "calibration chose", "gain over no fusion (chosen on these items)"]
+    head += ["held-out gain (k-fold, paired 95 % CI)", "folds that chose a fusion", "served mode"]
+    lines = ["## Calibration" + (", each seed" if seeded else ""), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for point in points:
+        calibration = point.get("calibration") or {}
+        held_out = calibration.get("held_out")
+        cells = [f"{point['fraction']:g}", *([str(point.get("seed"))] if seeded else []), calibration.get("chosen", "n/a")]
+        cells.append(f"{100 * calibration['gain']:+.1f}" if "gain" in calibration else "n/a")
+        cells.append(_difference(held_out) if held_out else "n/a")
+        cells.append(f"{held_out['fused_folds']} / {held_out['folds']}" if held_out else "n/a")
+        cells.append(calibration.get("served") or "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return ["", *lines, ""]
 
 
 def _controls_table(points: list[dict], title: str, seeded: bool) -> list[str]:

@@ -41,7 +41,28 @@ def write_point(workspace: Path, fraction: float, captions: int, instructions: i
         if other in accuracy
     }
     (reports / "metrics.json").write_text(json.dumps({"rows": rows, "paired": paired}))
+    (workspace / "models").mkdir()
+    (workspace / "models" / "fusion.json").write_text(json.dumps(FUSION))
     return workspace
+
+
+NO_FUSION = {"mode": "additive", "positions": "question", "a": 0.0, "b": 0.0, "w_vis": 1.0, "w_text": 0.0, "layer_start": 0, "layer_end": 4}
+FUSION = {  # what the calibrate stage writes (the parts the sweep reads)
+    "fusion": {**NO_FUSION, "a": 1.0, "b": 0.5, "layer_start": 2, "preserve_norm": True},
+    "calibration": {
+        "accuracy": 0.3,
+        "unfused_accuracy": 0.05,
+        "cross_validated": {
+            "folds": 5,
+            "difference": 0.125,
+            "ci95": [0.0625, 0.1875],
+            "mcnemar_p": 0.001,
+            "fused_folds": 4,
+            "same_choice_folds": 3,
+        },
+    },
+    "serving": {"mode": "describe_then_answer"},
+}
 
 
 def accuracies(fused: float, vit: float) -> dict[str, float]:
@@ -176,3 +197,31 @@ def test_points_without_the_controls_still_summarise_without_their_table(tmp_pat
     summary = efficiency.summarize([point], {"preset": "ci", "fractions": [1.0]})
     assert set(point["rows"]) == set(ROWS) and point["paired"]["fused_blank_image"] is None
     assert "## Controls" not in efficiency.table_markdown(summary)
+
+
+def test_each_points_calibration_is_reported_with_its_gain_chosen_and_held_out(tmp_path):
+    first = write_point(tmp_path / "s0", 1.0, 30, 30, accuracies(0.4, 0.5))
+    second = write_point(tmp_path / "s1", 1.0, 30, 30, accuracies(0.4, 0.5))
+    (second / "models" / "fusion.json").write_text(  # calibration without folds, kept no fusion, serves fused
+        json.dumps({"fusion": NO_FUSION, "calibration": {"accuracy": 0.05, "unfused_accuracy": 0.05}, "serving": {"mode": "fused"}})
+    )
+    points = [efficiency.collect_point(first, 1.0, 0), efficiency.collect_point(second, 1.0, 1)]
+    assert points[0]["calibration"] == {
+        "chosen": "additive a=1 b=0.5 L2-4 question norm-preserving",
+        "gain": pytest.approx(0.25),
+        "held_out": {"folds": 5, "difference": 0.125, "ci95": [0.0625, 0.1875], "mcnemar_p": 0.001, "fused_folds": 4},
+        "served": "describe_then_answer",
+    }
+    table = efficiency.table_markdown(efficiency.summarize(points, {"preset": "ci", "fractions": [1.0], "seeds": [0, 1]}))
+    assert "## Calibration, each seed" in table
+    assert (
+        "| 1 | 0 | additive a=1 b=0.5 L2-4 question norm-preserving | +25.0 | +12.5 [+6.2, +18.8] | 4 / 5 | describe_then_answer |" in table
+    )
+    assert "| 1 | 1 | no fusion | +0.0 | n/a | n/a | fused |" in table
+
+
+def test_a_point_without_its_calibration_result_is_refused_by_file(tmp_path):
+    workspace = write_point(tmp_path / "p", 1.0, 30, 30, accuracies(0.4, 0.5))
+    (workspace / "models" / "fusion.json").unlink()
+    with pytest.raises(UserError, match=r"models/fusion.json: calibration result not found"):
+        efficiency.collect_point(workspace, 1.0)

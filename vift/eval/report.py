@@ -41,6 +41,19 @@ def percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def configuration_label(row: dict) -> str:
+    """One search row as a short readable label, the calibration plot's category axis."""
+    if row["a"] == 0 and row["b"] == 0 and row["mode"] == "additive":
+        return "no fusion"
+    weights = {
+        "additive": f"a={row['a']:g} b={row['b']:g}",
+        "replace": f"w_vis={row['w_vis']:g} w_text={row['w_text']:g}",
+        "task_vector": f"a={row['a']:g}",
+    }[row["mode"]]
+    variants = (" norm-preserving" if row.get("preserve_norm") else "") + (" +prefix" if row.get("steer_prefix") else "")
+    return f"{row['mode']} {weights} L{row['layer_start']}-{row['layer_end']} {row['positions']}{variants}"
+
+
 def ablation_markdown(metrics: dict, fusion: dict, title: str) -> str:
     rows = metrics["rows"]
     types = sorted({t for row in rows.values() for t in row["by_type"]})

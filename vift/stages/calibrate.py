@@ -13,6 +13,7 @@ from vift.config.load import ACTIVE_PARAMS
 from vift.config.schema import Params
 from vift.errors import UserError
 from vift.eval.plots import calibration_heatmap
+from vift.eval.report import configuration_label
 from vift.eval.runner import load_images, load_vqa
 from vift.fusion.calibrate import Calibrator, search
 from vift.fusion.method import FusionSpec
@@ -35,18 +36,6 @@ def serving_mode(model, processor, records, images, fusion: FusionSpec, params: 
         correct[mode] = [bool(score_answer(r, a)["correct"]) for r, a in zip(records, answers)]
     chosen = choose_mode(correct, lambda a, b: paired_comparison(a, b, params.eval.bootstrap_samples, params.eval.seed))
     return {**chosen, "prompts": prompts.to_dict()}  # the served model asks the same way
-
-
-def configuration_label(row: dict) -> str:
-    """One search row as a short readable label, the calibration plot's category axis."""
-    if row["a"] == 0 and row["b"] == 0 and row["mode"] == "additive":
-        return "no fusion"
-    weights = {
-        "additive": f"a={row['a']:g} b={row['b']:g}",
-        "replace": f"w_vis={row['w_vis']:g} w_text={row['w_text']:g}",
-        "task_vector": f"a={row['a']:g}",
-    }[row["mode"]]
-    return f"{row['mode']} {weights} L{row['layer_start']}-{row['layer_end']} {row['positions']}"
 
 
 def start_spec(params: Params, num_layers: int) -> FusionSpec:
