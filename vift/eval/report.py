@@ -91,6 +91,19 @@ def ablation_markdown(metrics: dict, fusion: dict, title: str) -> str:
                 f"| {name} | {percent(row['accuracy'])} | {percent(row['ci95'][0])}–{percent(row['ci95'][1])} | {row['n']} | "
                 f"{row['phrase_f1']:.3f} |"
             )
+    if "restated" in metrics:
+        lines += ["", "## Reasoning chains: answers that restate exactly the question's objects", "",
+                  "| row | restated exactly % | 95 % CI | n | answers with a chain % |", "| --- | ---: | --- | ---: | ---: |"]  # fmt: skip
+        for name, row in metrics["restated"]["rows"].items():
+            lines.append(
+                f"| {name} | {percent(row['accuracy'])} | {percent(row['ci95'][0])}–{percent(row['ci95'][1])} | {row['n']} | "
+                f"{percent(row['chains'])} |"
+            )
+        for name, pair in metrics["restated"]["paired"].items():
+            lines.append(
+                f"\n{name}: {100 * pair['difference']:+.1f} pp [{100 * pair['ci95'][0]:+.1f}, {100 * pair['ci95'][1]:+.1f}], "
+                f"McNemar p {pair['mcnemar_p']:.3g}."
+            )
     verdict = metrics["verdict"]
     lines += ["", f"**Verdict:** fusion {'beats' if verdict['fusion_beats_controls'] else 'does NOT beat'} all controls ({verdict['rule']}): "
               + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in verdict["beats"].items()) + "."]  # fmt: skip

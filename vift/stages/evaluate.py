@@ -8,6 +8,7 @@ import time
 from vift import paths
 from vift.config.schema import Params
 from vift.eval.ablation import perception, run_ablation, summarise
+from vift.eval.chains import restatement
 from vift.eval.plots import accuracy_bars, accuracy_by_type
 from vift.eval.report import ablation_markdown, headline
 from vift.eval.runner import load_images, load_vqa
@@ -42,6 +43,8 @@ def run(params: Params) -> None:
         progress=lambda name: print(f"evaluate: {name}", flush=True),
     )  # fmt: skip
     metrics = summarise(rows, params.eval.bootstrap_samples, params.eval.seed)
+    if restated := restatement(rows, records, params.eval.bootstrap_samples, params.eval.seed):
+        metrics["restated"] = restated  # reasoning-chain answers: the objects they restate
     seen = perception(models, records, images, prompts.describe, params.eval.batch_size)
     if seen is not None:
         metrics["perception"] = seen
