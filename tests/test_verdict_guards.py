@@ -45,6 +45,28 @@ def test_wilson_interval_equals_scipys_wilson_interval_off_centre(correct, n):
     assert high == pytest.approx(expected.high, abs=1e-6)
 
 
+def test_wilson_interval_at_none_or_all_correct_ends_exactly_at_0_or_1():
+    # Found by a run whose unfused row scored 0 of 1000: the computed lower bound was 1e-17 above
+    # the accuracy, and the accuracy plot refused the negative error bar.
+    for n in range(1, 1500):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        assert 0.0 < wilson_interval(0, n)[1] and wilson_interval(n, n)[0] < 1.0
+    expected = scipy_stats.binomtest(0, 1000).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson_interval(0, 1000)[1] == pytest.approx(expected.high, abs=1e-9)
+
+
+def test_the_accuracy_plot_takes_rows_at_0_and_1_and_intervals_past_their_estimate(tmp_path):
+    from vift.eval.plots import accuracy_bars
+
+    rows = {
+        "none": {"accuracy": 0.0, "ci95": list(wilson_interval(0, 1000))},
+        "all": {"accuracy": 1.0, "ci95": list(wilson_interval(1000, 1000))},
+        "rounded": {"accuracy": 0.0, "ci95": [1e-17, 0.004]},  # an interval rounded past 0
+    }
+    accuracy_bars(rows, tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
 def test_wilson_interval_is_not_centred_on_the_observed_proportion():
     low, high = wilson_interval(2, 20)  # p = 0.1: the Wilson centre is pulled towards 1/2
     assert (low + high) / 2 == pytest.approx((0.1 + 1.959964**2 / 40) / (1 + 1.959964**2 / 20), abs=1e-9)

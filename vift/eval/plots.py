@@ -54,8 +54,9 @@ def accuracy_bars(rows: dict, path: Path) -> None:
     """Accuracy per ablation row with 95 % intervals."""
     names = list(rows)
     accuracy = np.array([rows[n]["accuracy"] for n in names])
-    low = accuracy - np.array([rows[n]["ci95"][0] for n in names])
-    high = np.array([rows[n]["ci95"][1] for n in names]) - accuracy
+    # Clipped at 0: an interval given by another tool may round past its own estimate.
+    low = np.maximum(0.0, accuracy - np.array([rows[n]["ci95"][0] for n in names]))
+    high = np.maximum(0.0, np.array([rows[n]["ci95"][1] for n in names]) - accuracy)
     figure, axis = plt.subplots(figsize=(1.0 + 0.8 * len(names), 4))
     axis.bar(range(len(names)), accuracy, yerr=[low, high], capsize=4, color="tab:blue")
     axis.set_xticks(range(len(names)), names, rotation=35, ha="right")
