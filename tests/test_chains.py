@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vift.data.manifests import VQARecord
@@ -105,3 +107,23 @@ def test_arithmetic_chains_restate_nothing():
     for index in range(40):
         question = sample_arithmetic(split_rng(0, "arithmetic", index), 10)
         assert question.reasoning and restated_objects(question.reasoning) is None
+
+
+def test_the_base_stages_text_check_scores_chains_by_the_answer_they_end_on(monkeypatch, ci_data):
+    from vift import paths
+    from vift.stages import base
+
+    monkeypatch.setattr(paths, "DATA_DIR", ci_data)
+    asked = []
+
+    def answers(model, processor, images, prompts, batch_size, max_new_tokens):
+        asked.append(max_new_tokens)
+        records = [json.loads(line) for line in (ci_data / "test.jsonl").read_text().splitlines()][: len(prompts)]
+        # Every first answer right, as a chain; every second one the chain of a wrong answer.
+        return [f"the circles are none. so the answer is {r['answer'] if i % 2 == 0 else '99'}." for i, r in enumerate(records)]
+
+    monkeypatch.setattr(base, "generate_answers", answers)
+    chained = base.text_accuracy(None, None, 8, chains=True)
+    short = base.text_accuracy(None, None, 8)
+    assert asked == [base.CHAIN_TOKENS, 4]
+    assert chained["accuracy"] == pytest.approx((chained["n"] + 1) // 2 / chained["n"]) and short["accuracy"] == 0.0

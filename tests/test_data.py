@@ -144,11 +144,28 @@ def test_reasoning_answers_change_the_text_instructions_only(ci_params, ci_data,
         assert b["conversations"][1]["value"].endswith(f"so the answer is {a['conversations'][1]['value']}.")
 
 
+def test_backbone_reasoning_answers_change_the_backbone_text_only(ci_params, ci_data, tmp_path):
+    chained = apply_overrides(ci_params, {"data.backbone_answers": "reasoning"}).data
+    summary = generate_shapetally(chained, tmp_path / "chained")
+    original = json.loads((ci_data / "summary.json").read_text())["sha256"]
+    assert [s for s in SPLITS if summary["sha256"][s] != original[s]] == ["backbone_text"]
+    changed = 0
+    for a, b in zip(read(ci_data / "backbone_text.jsonl"), read(tmp_path / "chained" / "backbone_text.jsonl")):
+        assert a["conversations"][0] == b["conversations"][0]
+        if a["type"] == "describe_board":  # board descriptions are not questions: unchanged
+            assert a == b
+        else:
+            changed += 1
+            assert b["conversations"][1]["value"].endswith(f"so the answer is {a['conversations'][1]['value']}.")
+    assert changed > 0
+
+
 def test_reasoning_answers_are_refused_for_imported_data():
     import pytest
     from pydantic import ValidationError
 
     from vift.config.schema import DataParams
 
-    with pytest.raises(ValidationError, match="text_answers applies to generated data"):
-        DataParams(source="import", import_dir="data/external", text_answers="reasoning")
+    for name in ("text_answers", "backbone_answers"):
+        with pytest.raises(ValidationError, match=f"{name} applies to generated data"):
+            DataParams(source="import", import_dir="data/external", **{name: "reasoning"})

@@ -48,6 +48,12 @@ class DataParams(Section):
         description="text instructions answer with the answer alone, or with a short chain that restates the "
         "relevant objects, computes, and ends 'so the answer is ...' (shapetally only; raise eval.max_new_tokens)",
     )
+    backbone_answers: Literal["short", "reasoning"] = Field(
+        "short",
+        description="the same choice for the composed questions and arithmetic of backbone_text, the tiny "
+        "language model's pretraining: reasoning gives a language model that already writes such chains, as "
+        "the paper's instruct LLM does (shapetally only)",
+    )
     bad_records: Literal["skip", "fail"] = Field(
         "skip", description="skip-and-count malformed records and missing images, or fail on the first"
     )
@@ -68,8 +74,9 @@ class DataParams(Section):
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of grid ({self.grid})")
         if self.source == "import" and not self.import_dir:
             raise ValueError("source 'import' needs import_dir")
-        if self.source == "import" and self.text_answers != "short":
-            raise ValueError("text_answers applies to generated data (source: shapetally); imported manifests keep their own answers")
+        for name in ("text_answers", "backbone_answers"):
+            if self.source == "import" and getattr(self, name) != "short":
+                raise ValueError(f"{name} applies to generated data (source: shapetally); imported manifests keep their own answers")
         return self
 
 

@@ -136,9 +136,10 @@ class _Generator:
             else:
                 question = sample_question(rng, scene)
                 prompt = text_prompt(scene.describe(), question.text)
-            # Only the text instructions (ViFT's stage-2 data) change style; the backbone's
-            # pretraining text keeps short answers, like the paper's off-the-shelf LLM.
-            reasoning = split == "text_instructions" and self.params.text_answers == "reasoning"
+            # Answer style per split: the text instructions (ViFT's stage-2 data) and the backbone's
+            # pretraining text (the stand-in for an instruct LLM) are chosen apart.
+            style = self.params.text_answers if split == "text_instructions" else self.params.backbone_answers
+            reasoning = style == "reasoning"
             reply = question.reasoning if reasoning else question.answer
             yield {"id": f"{split}-{index:06d}", "type": question.type, "conversations": conversation(prompt, reply)}
 
