@@ -279,20 +279,28 @@ def test_eval_scores_known_responses_per_category(tiny_checkpoint, tmp_path, mon
     assert {t: (p["n"], p["accuracy"]) for t, p in metrics["by_type"].items()} == {"general-vqa": (2, 1.0), "math-targeted-vqa": (2, 0.5)}
 
 
-def test_eval_with_a_fusion_file_answers_as_fused_generate_does(tiny_checkpoint, tmp_path):
-    from PIL import Image
-
-    from vift.fusion.method import FusionSpec, fused_generate
-    from vift.model.loading import load_model, load_processor
+def _fused_eval(tiny_checkpoint, tmp_path, *extra: str):
+    """`vift eval` of the tiny checkpoint on three MathVista items with an additive fusion file,
+    batch 2, 3 new tokens: (the fusion, the output folder, its rows, its metrics)."""
+    from vift.fusion.method import FusionSpec
 
     spec = FusionSpec(mode="additive", a=0.5, b=0.5, layer_start=1)
     fusion_file = tmp_path / "fusion.json"
     fusion_file.write_text(json.dumps({"fusion": spec.to_dict(), "calibration": {}}))
     out = tmp_path / "out"
     argv = ["--benchmark", "mathvista", "--data", str(FIXTURES / "mathvista"), "--model", str(tiny_checkpoint),
-            "--fusion", str(fusion_file), "--limit", "3", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out)]  # fmt: skip
+            "--fusion", str(fusion_file), "--limit", "3", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out), *extra]  # fmt: skip
     assert run_eval(argv, tmp_path / "no-params.yaml") == 0
-    rows, metrics = _outputs(out)
+    return spec, out, *_outputs(out)
+
+
+def test_eval_with_a_fusion_file_answers_as_fused_generate_does(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from vift.fusion.method import fused_generate
+    from vift.model.loading import load_model, load_processor
+
+    spec, _, rows, metrics = _fused_eval(tiny_checkpoint, tmp_path)
     assert metrics["fusion"] == spec.to_dict()
     records = list(records_of("mathvista", limit=3).values())
     images = [Image.open(FIXTURES / "mathvista" / r.image).convert("RGB") for r in records]
@@ -305,18 +313,11 @@ def test_eval_controls_answer_without_the_image_with_another_and_with_a_black_on
     from PIL import Image
 
     from vift.eval.ablation import wrong_image_order
-    from vift.fusion.method import FusionSpec, fused_generate
+    from vift.fusion.method import fused_generate
     from vift.model.loading import load_model, load_processor
     from vift.scoring.stats import paired_comparison
 
-    spec = FusionSpec(mode="additive", a=0.5, b=0.5, layer_start=1)
-    fusion_file = tmp_path / "fusion.json"
-    fusion_file.write_text(json.dumps({"fusion": spec.to_dict(), "calibration": {}}))
-    out = tmp_path / "out"
-    argv = ["--benchmark", "mathvista", "--data", str(FIXTURES / "mathvista"), "--model", str(tiny_checkpoint),
-            "--fusion", str(fusion_file), "--limit", "3", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out), "--controls"]  # fmt: skip
-    assert run_eval(argv, tmp_path / "no-params.yaml") == 0
-    rows, metrics = _outputs(out)
+    spec, out, rows, metrics = _fused_eval(tiny_checkpoint, tmp_path, "--controls")
     records = list(records_of("mathvista", limit=3).values())
     questions = [r.question for r in records]
     images = [Image.open(FIXTURES / "mathvista" / r.image).convert("RGB") for r in records]

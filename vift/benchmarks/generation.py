@@ -4,7 +4,7 @@ The batching and generation are :func:`vift.eval.runner.answer_in_batches`, the 
 stage uses; what is particular to the benchmarks is here: each record's image is read from the data
 folder (an unreadable one is a :class:`~vift.errors.UserError` naming the record), and records
 without an image (MathVerse Text Only) are asked text-only, without fusion. With ``controls``,
-the same records are answered again under the ablation's controls (:func:`control_answers`).
+the same records are answered again under the ablation's controls (:func:`generate_answers`'s ``control``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def load_image(record: VQARecord, data_dir: str | Path) -> Image.Image:
         raise UserError(f"record {record.id}: image {path} unreadable ({error})") from None
 
 
+# The ablation's controls (docs/EVALUATION.md), for a benchmark: the same records answered
+# without their image, with another record's image, and with a black image of the same size.
+CONTROLS = ("question_only", "wrong_image", "blank_image")
+
+
 def generate_answers(
     model,
     processor,
@@ -36,45 +41,21 @@ def generate_answers(
     batch_size: int,
     max_new_tokens: int,
     progress: Callable[[int, int], None] | None = None,
+    control: str | None = None,
+    seed: int = 0,
 ) -> list[str]:
     """Responses in record order; images are loaded a batch at a time.
 
     Records without an image (MathVerse Text Only) are asked text-only, without fusion (fusion adds
-    text-only states to an image pass; there is none).
+    text-only states to an image pass; there is none), under every control too. ``control`` None is
+    the main run; ``question_only`` asks every question text-only (no image, so no fusion);
+    ``wrong_image`` gives each record with an image another such record's image (a seeded
+    permutation without fixed points, as the ablation's) and ``blank_image`` a black image of its
+    own image's size, both answered as the main run (with its fusion).
     """
-
-    def batch_images(indices: list[int]) -> list[Image.Image | None]:
-        return [None if records[i].image is None else load_image(records[i], data_dir) for i in indices]
-
-    questions = [record.question for record in records]
-    return answer_in_batches(model, processor, questions, fusion, batch_size, max_new_tokens, batch_images, progress)
-
-
-# The ablation's controls (docs/EVALUATION.md), for a benchmark: the same records answered
-# without their image, with another record's image, and with a black image of the same size.
-CONTROLS = ("question_only", "wrong_image", "blank_image")
-
-
-def control_answers(
-    model,
-    processor,
-    records: Sequence[VQARecord],
-    data_dir: str | Path,
-    fusion,
-    batch_size: int,
-    max_new_tokens: int,
-    control: str,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[str]:
-    """Responses in record order under ``control``: ``question_only`` asks every question text-only
-    (no image, so no fusion); ``wrong_image`` gives each record with an image another such record's
-    image (a seeded permutation without fixed points, as the ablation's) and ``blank_image`` a black
-    image of its own image's size, both answered as the main run (with its fusion). Records without
-    an image are asked text-only under every control, as in the main run."""
     from vift.eval.ablation import wrong_image_order
 
-    if control not in CONTROLS:
+    if control is not None and control not in CONTROLS:
         raise ValueError(f"unknown control {control!r}; one of {', '.join(CONTROLS)}")
     with_image = [i for i, record in enumerate(records) if record.image is not None]
     donor = {i: i for i in with_image}

@@ -118,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _evaluate(args, started, params, batch_size, max_new_tokens, fusion, judge, image_dir: Path) -> int:
     from vift.benchmarks.formats import load_benchmark
-    from vift.benchmarks.generation import CONTROLS, control_answers, generate_answers
+    from vift.benchmarks.generation import CONTROLS, generate_answers
     from vift.benchmarks.scoring import EXTRACTION, make_scorer, no_answer_count, rule_coverage
     from vift.benchmarks.specs import SPECS
     from vift.eval.runner import prediction_rows, score
@@ -154,8 +154,8 @@ def _evaluate(args, started, params, batch_size, max_new_tokens, fusion, judge, 
     control_rows = {}
     for control in CONTROLS if args.controls else ():
         print(f"vift eval: control {control}", file=sys.stderr, flush=True)
-        responses = control_answers(
-            model, processor, records, data_dir, fusion, batch_size, max_new_tokens, control, params.eval.seed, progress
+        responses = generate_answers(
+            model, processor, records, data_dir, fusion, batch_size, max_new_tokens, progress, control, params.eval.seed
         )
         control_rows[control] = prediction_rows(records, responses, scorer, workers=workers)
     if control_rows:
