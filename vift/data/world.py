@@ -74,8 +74,11 @@ class Scene:
         """The caption: every object in reading order, no counts."""
         if not self.objects:
             return "an empty board."
-        parts = [f"{o.colour} {o.shape} at {self.position_name(o.cell)}" for o in self.objects]
-        return ", ".join(parts) + "."
+        return ", ".join(self.phrase(o) for o in self.objects) + "."
+
+    def phrase(self, obj: SceneObject) -> str:
+        """One object in the caption's words ("red circle at top left"); captions and reasoning chains share it."""
+        return f"{obj.colour} {obj.shape} at {self.position_name(obj.cell)}"
 
     def board(self) -> str:
         """The scene in board notation: one cell token per grid cell, in reading order.
@@ -127,7 +130,7 @@ def _pick_present(rng: random.Random, scene: Scene, options: list[str], attribut
 
 def _restate(scene: Scene, objects: list[SceneObject]) -> str:
     """Objects as the caption words them ("red circle at top left, ..."), or "none"."""
-    return ", ".join(f"{o.colour} {o.shape} at {scene.position_name(o.cell)}" for o in objects) or "none"
+    return ", ".join(scene.phrase(o) for o in objects) or "none"
 
 
 def _conclude(answer: str) -> str:

@@ -263,8 +263,7 @@ def search(
     # (Bonferroni over the configurations evaluated): the best of 60 noisy configurations on 200
     # items otherwise "wins" by luck (measured: 14.5 % vs 5.0 % on calibration, nothing on test).
     threshold = params.significance / len(table)
-    significant = best.is_neutral or beyond_chance(versus_neutral[best], threshold)
-    chosen = best if significant or params.significance >= 1 or not params.search else NEUTRAL
+    chosen = best if not params.search or _kept(best, versus_neutral[best], threshold, params) else NEUTRAL
     held_out = cross_validate(correct, list(table), start, params, bootstrap_samples, seed)
     if held_out is not None:
         held_out["same_choice_folds"] = sum(choice == chosen for choice in held_out.pop("choices"))
@@ -298,6 +297,12 @@ def search(
     }
 
 
+def _kept(best: FusionSpec, evidence: dict, threshold: float, params: CalibrationParams) -> bool:
+    """Whether the search's most accurate configuration replaces no fusion: it is no fusion, the
+    check is off (significance 1), or it beats no fusion beyond chance at ``threshold``."""
+    return best.is_neutral or params.significance >= 1 or beyond_chance(evidence, threshold)
+
+
 def cross_validate(
     correct: dict[FusionSpec, list[bool]], order: Sequence[FusionSpec], start: FusionSpec, params: CalibrationParams,
     bootstrap_samples: int, seed: int,
@@ -329,7 +334,7 @@ def cross_validate(
         if params.search:
             best = max(order, key=lambda spec: right[spec][rest].mean())  # the first of equals
             evidence = paired_comparison(right[best][rest], right[NEUTRAL][rest], bootstrap_samples, seed)
-            choice = best if best.is_neutral or params.significance >= 1 or beyond_chance(evidence, threshold) else NEUTRAL
+            choice = best if _kept(best, evidence, threshold, params) else NEUTRAL
         answered[fold == k] = right[choice][fold == k]
         choices.append(choice)
     comparison = paired_comparison(answered, right[NEUTRAL], bootstrap_samples, seed)
